@@ -1,0 +1,253 @@
+"""Pre-norm rotary transformer blocks in Flax NNX, shared by the denoiser and the AR baseline.
+
+Every parameter carries logical axis names (metadata `sharding_names`), so the trainer shards the
+model over a (data, fsdp, tensor) mesh with a rules table alone (see `mdlm.sharding`). Parameters
+are float32; activations use `cfg.dtype`; the output logits are float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mdlm.models.config import ModelConfig
+
+# Logical axis names used by the parameters.
+EMBED, MLP, HEADS, KV, VOCAB, QKV, COND, MOD = (
+    "embed", "mlp", "heads", "kv", "vocab", "qkv", "cond", "modulation")
+
+
+def _param(rngs: nnx.Rngs, init, shape, axes):
+  assert len(axes) == len(shape), (shape, axes)
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), sharding_names=axes,
+                   eager_sharding=False)
+
+
+def _normal(std):
+  return jax.nn.initializers.normal(std)
+
+
+def _dense_init(fan_in):
+  return jax.nn.initializers.truncated_normal(1.0 / math.sqrt(fan_in))
+
+
+class Norm(nnx.Module):
+  """LayerNorm (no bias, as in MDLM's DiT) or RMSNorm, computed in float32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.kind = cfg.norm
+    self.scale = _param(rngs, jax.nn.initializers.ones, (cfg.d_model,), (EMBED,))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)
+    return (x32 * self.scale[...]).astype(x.dtype)
+
+
+def rotary(x_BxLxNxH, positions_L, theta):
+  """Rotary position embedding (Su et al. 2021, "RoFormer"), rotate-half form, in float32."""
+  half = x_BxLxNxH.shape[-1] // 2
+  freq_H = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_LxH = positions_L.astype(jnp.float32)[:, None] * freq_H[None, :]
+  sin, cos = jnp.sin(angle_LxH)[:, None, :], jnp.cos(angle_LxH)[:, None, :]
+  x32 = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxH.dtype)
+
+
+def dropout(x, rate, key):
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, h = cfg.d_model, cfg.num_heads, cfg.head_dim
+    self.w_qkv = _param(rngs, _dense_init(d), (d, 3, n, h), (EMBED, QKV, HEADS, KV))
+    self.w_out = _param(rngs, _dense_init(d), (n, h, d), (HEADS, KV, EMBED))
+
+  def qkv(self, x_BxLxD, positions_L):
+    dtype = x_BxLxD.dtype
+    qkv = jnp.einsum("bld,dcnh->cblnh", x_BxLxD, self.w_qkv[...].astype(dtype))
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    theta = self.cfg.rope_theta
+    return rotary(q, positions_L, theta), rotary(k, positions_L, theta), v
+
+  def attend(self, q, k, v, mask, is_causal):
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal, implementation=self.cfg.attention_impl)
+    return jnp.einsum("blnh,nhd->bld", out, self.w_out[...].astype(q.dtype))
+
+  def __call__(self, x_BxLxD, positions_L, mask):
+    q, k, v = self.qkv(x_BxLxD, positions_L)
+    return self.attend(q, k, v, mask, self.cfg.causal)
+
+
+class FeedForward(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.kind = cfg.mlp
+    d, f = cfg.d_model, cfg.ff_dim
+    if cfg.mlp == "swiglu":
+      self.w_in = _param(rngs, _dense_init(d), (d, 2, f), (EMBED, QKV, MLP))
+    else:
+      self.w_in = _param(rngs, _dense_init(d), (d, f), (EMBED, MLP))
+    self.w_out = _param(rngs, _dense_init(f), (f, d), (MLP, EMBED))
+
+  def __call__(self, x_BxLxD):
+    dtype = x_BxLxD.dtype
+    if self.kind == "swiglu":
+      gate_up = jnp.einsum("bld,dcf->cblf", x_BxLxD, self.w_in[...].astype(dtype))
+      h = jax.nn.silu(gate_up[0]) * gate_up[1]
+    else:
+      h = jax.nn.gelu(x_BxLxD @ self.w_in[...].astype(dtype), approximate=True)
+    return h @ self.w_out[...].astype(dtype)
+
+
+class AdaLN(nnx.Module):
+  """adaLN-zero modulation (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers").
+
+  Maps the conditioning vector to `count` d_model-vectors; zero-initialised, so a freshly built
+  conditioned block is the identity map, exactly as DiT's adaLN-zero.
+  """
+
+  def __init__(self, cfg: ModelConfig, count: int, *, rngs: nnx.Rngs):
+    self.w = _param(rngs, jax.nn.initializers.zeros, (cfg.cond_dim, count, cfg.d_model),
+                    (COND, MOD, EMBED))
+    self.b = _param(rngs, jax.nn.initializers.zeros, (count, cfg.d_model), (MOD, EMBED))
+
+  def __call__(self, cond_BxC):
+    mod = jnp.einsum("bc,ckd->kbd", jax.nn.silu(cond_BxC), self.w[...]) + self.b[...][:, None]
+    return mod[:, :, None, :]  # [count, B, 1, D]
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.norm_attn = Norm(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.norm_mlp = Norm(cfg, rngs=rngs)
+    self.mlp = FeedForward(cfg, rngs=rngs)
+    self.ada = AdaLN(cfg, 6, rngs=rngs) if cfg.time_conditioning else None
+
+  def __call__(self, x, positions_L, mask, cond_BxC=None, dropout_key=None):
+    rate = self.cfg.dropout
+    keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    if self.ada is None:
+      x = x + dropout(self.attn(self.norm_attn(x), positions_L, mask), rate, keys[0])
+      return x + dropout(self.mlp(self.norm_mlp(x)), rate, keys[1])
+    shift1, scale1, gate1, shift2, scale2, gate2 = (m.astype(x.dtype) for m in self.ada(cond_BxC))
+    h = self.norm_attn(x) * (1 + scale1) + shift1
+    x = x + gate1 * dropout(self.attn(h, positions_L, mask), rate, keys[0])
+    h = self.norm_mlp(x) * (1 + scale2) + shift2
+    return x + gate2 * dropout(self.mlp(h), rate, keys[1])
+
+
+def timestep_embedding(noise_B, dim, max_period=10000.0):
+  """Sinusoidal features of the noise level (scaled to [0, 1000] like DiT's timesteps)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = 1000.0 * noise_B.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class Transformer(nnx.Module):
+  """Token embedding (V + 1 rows: row V is the mask), L blocks, final norm, V-way output head.
+
+  __call__(tokens, noise_level=None) -> float32 logits [B, L, V]. The denoiser attends in both
+  directions; the AR model is causal. `noise_level` (the mask probability 1 - alpha(t), a
+  schedule-free quantity) is read only when cfg.time_conditioning is set.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    cfg.validate()
+    if cfg.vocab_size < 1:
+      raise ValueError("ModelConfig.vocab_size must be set (>= 1) before building the model.")
+    self.cfg = cfg
+    d, v = cfg.d_model, cfg.vocab_size
+    self.embed = _param(rngs, _normal(1.0), (v + 1, d), (VOCAB, EMBED))
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = Norm(cfg, rngs=rngs)
+    if cfg.time_conditioning:
+      c = cfg.cond_dim
+      self.cond_in = _param(rngs, _dense_init(c), (c, c), (COND, "cond_hidden"))
+      self.cond_out = _param(rngs, _dense_init(c), (c, c), (COND, "cond_hidden"))
+      self.final_ada = AdaLN(cfg, 2, rngs=rngs)
+    else:
+      self.cond_in = self.cond_out = self.final_ada = None
+    if cfg.tie_embeddings:
+      self.head = None
+    else:
+      self.head = _param(rngs, _dense_init(d), (d, v), (EMBED, VOCAB))
+
+  @property
+  def mask_id(self) -> int:
+    return self.cfg.vocab_size
+
+  def condition(self, noise_level_B):
+    c = timestep_embedding(noise_level_B, self.cfg.cond_dim)
+    return jax.nn.silu(c @ self.cond_in[...]) @ self.cond_out[...]
+
+  def embed_tokens(self, tokens_BxL):
+    dtype = jnp.dtype(self.cfg.dtype)
+    return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dtype)
+
+  def output_weights(self):
+    if self.head is None:
+      return self.embed[...][: self.cfg.vocab_size].T
+    return self.head[...]
+
+  def logits(self, hidden_BxLxD):
+    """Output head in the compute dtype with float32 accumulation and float32 result."""
+    w_DxV = self.output_weights().astype(hidden_BxLxD.dtype)
+    return jnp.einsum("bld,dv->blv", hidden_BxLxD, w_DxV, preferred_element_type=jnp.float32)
+
+  def final_hidden(self, hidden_BxLxD, cond_BxC=None):
+    h = self.final_norm(hidden_BxLxD)
+    if cond_BxC is not None:
+      shift, scale = (m.astype(h.dtype) for m in self.final_ada(cond_BxC))
+      h = h * (1 + scale) + shift
+    return h
+
+  def __call__(self, tokens_BxL, noise_level_B=None, *, token_mask_BxL=None, dropout_key=None,
+               return_hidden=False):
+    tokens_BxL = jnp.asarray(tokens_BxL)
+    if tokens_BxL.ndim != 2:
+      raise ValueError(f"tokens must have shape [batch, length], got {tokens_BxL.shape}.")
+    length = tokens_BxL.shape[1]
+    if length > self.cfg.max_seq_len:
+      raise ValueError(
+          f"Sequence length {length} exceeds the model's max_seq_len={self.cfg.max_seq_len}; "
+          "shorten data.seq_len or build the model with a larger max_seq_len.")
+    if not isinstance(tokens_BxL, jax.core.Tracer) and tokens_BxL.size:
+      lo, hi = int(tokens_BxL.min()), int(tokens_BxL.max())
+      if lo < 0 or hi > self.cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}] (V real tokens + the "
+                         f"mask); got ids in [{lo}, {hi}].")
+    cond = None
+    if self.cfg.time_conditioning:
+      if noise_level_B is None:
+        raise ValueError("This model is time-conditioned: pass noise_level_B.")
+      cond = self.condition(jnp.broadcast_to(noise_level_B, tokens_BxL.shape[:1]))
+    mask = None
+    if token_mask_BxL is not None:
+      mask = jnp.asarray(token_mask_BxL, bool)[:, None, None, :]
+    positions_L = jnp.arange(length)
+    x = self.embed_tokens(tokens_BxL)
+    for i, block in enumerate(self.blocks):
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+      x = block(x, positions_L, mask, cond, key)
+    hidden = self.final_hidden(x, cond)
+    logits = self.logits(hidden)
+    return (logits, hidden) if return_hidden else logits

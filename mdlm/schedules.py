@@ -91,7 +91,8 @@ class CosineSquared(Schedule):
 
   def weight(self, t):
     # (pi/2) sin(pi t) / sin^2(pi t / 2) = pi cot(pi t / 2).
-    return jnp.pi / jnp.tan(0.5 * jnp.pi * jnp.asarray(t, jnp.float32))
+    # w(1) = 0 exactly; float32 rounding of pi/2 would otherwise give a tiny negative value.
+    return jnp.maximum(jnp.pi / jnp.tan(0.5 * jnp.pi * jnp.asarray(t, jnp.float32)), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,139 @@
+"""The transformer backbone: counts, logical axes, causality, padding, dtypes, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mdlm import models
+from mdlm.models import presets
+
+V = 37
+
+
+def tiny(**kw):
+  return presets.get("tiny", vocab_size=V, **kw)
+
+
+def n_params(model):
+  return sum(int(np.size(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("kw", [{}, {"time_conditioning": True}, {"mlp": "swiglu"},
+                                {"tie_embeddings": True, "norm": "rmsnorm"}])
+def test_param_count_matches_closed_form(kw):
+  cfg = tiny(**kw)
+  assert n_params(models.build(cfg)) == presets.count_params(cfg)["total"]
+
+
+def test_preset_counts():
+  small = presets.count_params(presets.get("small"), vocab_size=50257)
+  # 12 blocks of 12 d^2 (+ norms): ~85M; MDLM's ~92M also counts the adaLN layers (cond_dim 128).
+  assert small["non_embedding"] == pytest.approx(85.0e6, rel=0.01)
+  small_ada = presets.count_params(presets.get("small", time_conditioning=True), vocab_size=50257)
+  assert small_ada["non_embedding"] == pytest.approx(92.3e6, rel=0.01)
+  cfg = presets.get("cpu", vocab_size=8192)
+  f = presets.flops_per_token(cfg, 256)
+  m = presets.count_params(cfg)["matmul"]
+  assert m == 8 * 12 * 512 ** 2 + 512 * 8192
+  assert f["full"] == 6 * m + 12 * 8 * 256 * 512
+  assert presets.custom(3, 96, 3).head_dim == 32
+
+
+def test_every_parameter_has_logical_axes():
+  for cfg in (tiny(time_conditioning=True, mlp="swiglu"), tiny(kind="ar")):
+    specs = nnx.get_partition_spec(nnx.state(models.build(cfg), nnx.Param))
+    leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    params = jax.tree.leaves(nnx.state(models.build(cfg), nnx.Param))
+    assert len(leaves) == len(params)
+    for spec, p in zip(leaves, params):
+      assert len(spec) == np.ndim(p) and all(isinstance(a, str) for a in spec), spec
+
+
+def test_ar_model_is_causal_and_denoiser_is_not():
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, V)
+  changed = tokens.at[:, 9].set((tokens[:, 9] + 1) % V)
+  ar = models.build(tiny(kind="ar"))
+  a, b = ar(tokens), ar(changed)
+  np.testing.assert_array_equal(np.asarray(a[:, :9]), np.asarray(b[:, :9]))
+  assert not np.allclose(a[:, 9:], b[:, 9:])
+  den = models.build(tiny())
+  assert not np.allclose(den(tokens)[:, :9], den(changed)[:, :9])
+
+
+def test_padding_mask_hides_padded_keys():
+  model = models.build(tiny())
+  tokens = jax.random.randint(jax.random.key(0), (1, 12), 0, V)
+  token_mask = jnp.arange(12)[None] < 8
+  other = tokens.at[:, 8:].set(0)
+  a = model(tokens, token_mask_BxL=token_mask)
+  b = model(other, token_mask_BxL=token_mask)
+  np.testing.assert_allclose(np.asarray(a[:, :8]), np.asarray(b[:, :8]), atol=1e-5)
+  # Without the mask the padding is visible.
+  assert not np.allclose(model(tokens)[:, :8], model(other)[:, :8], atol=1e-5)
+
+
+def test_mask_token_has_own_embedding_row():
+  model = models.build(tiny())
+  assert model.embed.shape == (V + 1, 64) and model.mask_id == V
+  logits = model(jnp.full((1, 4), V, jnp.int32))
+  assert logits.shape == (1, 4, V)
+
+
+def test_bf16_compute_matches_float32():
+  cfg = tiny(mlp="swiglu")
+  m32 = models.build(cfg)
+  m16 = models.build(cfg.replace(dtype="bfloat16"))
+  tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, V + 1)
+  a, b = m32(tokens), m16(tokens)
+  assert a.dtype == jnp.float32 and b.dtype == jnp.float32
+  pa, pb = jax.nn.softmax(a), jax.nn.softmax(b)
+  assert float(jnp.max(jnp.abs(pa - pb))) < 0.05
+  assert float(jnp.mean(jnp.abs(a - b))) < 0.05 * float(jnp.mean(jnp.abs(a)))
+
+
+def test_time_conditioning_adaln_zero():
+  model = models.build(tiny(time_conditioning=True))
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, V)
+  # adaLN-zero: at initialisation the conditioning has no effect ...
+  np.testing.assert_allclose(model(tokens, jnp.asarray([0.1, 0.1])),
+                             model(tokens, jnp.asarray([0.9, 0.9])), atol=1e-6)
+  # ... but it is wired in: perturbing the modulation makes the output depend on it.
+  model.blocks[0].ada.w[...] = jax.random.normal(jax.random.key(2), model.blocks[0].ada.w.shape)
+  assert not np.allclose(model(tokens, jnp.asarray([0.1, 0.1])),
+                         model(tokens, jnp.asarray([0.9, 0.9])), atol=1e-4)
+  with pytest.raises(ValueError, match="time-conditioned"):
+    model(tokens)
+
+
+def test_dropout_only_with_key():
+  model = models.build(tiny(dropout=0.5))
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, V)
+  np.testing.assert_array_equal(model(tokens), model(tokens))
+  k = jax.random.key(3)
+  np.testing.assert_array_equal(model(tokens, dropout_key=k), model(tokens, dropout_key=k))
+  assert not np.allclose(model(tokens, dropout_key=k), model(tokens))
+
+
+def test_tied_embeddings_share_the_table():
+  model = models.build(tiny(tie_embeddings=True))
+  assert model.head is None
+  h = jax.random.normal(jax.random.key(0), (1, 3, 64))
+  np.testing.assert_allclose(model.logits(h), h @ model.embed[...][:V].T, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input():
+  model = models.build(tiny())
+  with pytest.raises(ValueError, match="max_seq_len"):
+    model(jnp.zeros((1, 129), jnp.int32))
+  with pytest.raises(ValueError, match="token ids"):
+    model(jnp.full((1, 4), V + 1, jnp.int32))
+  with pytest.raises(ValueError, match=r"\[batch, length\]"):
+    model(jnp.zeros((4,), jnp.int32))
+  with pytest.raises(ValueError, match="divisible"):
+    presets.custom(2, 66, 4)
+  with pytest.raises(ValueError, match="Unknown model preset"):
+    presets.get("huge")
+  with pytest.raises(ValueError, match="vocab_size"):
+    models.build(presets.get("tiny"))

@@ -184,11 +184,17 @@ def validate(cfg: Config) -> Config:
          f"data.seq_len={d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower "
          "data.seq_len or raise model.max_seq_len")
   _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must lie in (0, 1)")
+  _check(d.source not in ("jsonl", "hf") or d.text_field,
+         f"data.text_field is empty; set it to the {d.source} field that holds the text")
+  _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
+  _check(d.max_documents is None or d.max_documents >= 1,
+         f"data.max_documents={d.max_documents} must be >= 1 (or null for all)")
   _check(t.kind in ("sentencepiece", "byte", "char"),
          f"tokenizer.kind={t.kind!r}; choose sentencepiece, byte or char")
   _check(t.kind != "sentencepiece" or t.model_path or t.vocab_size >= 64,
          f"tokenizer.vocab_size={t.vocab_size} must be >= 64 to train a sentencepiece model")
   _check(t.model_type in ("bpe", "unigram"), f"tokenizer.model_type={t.model_type!r}")
+  _check(t.train_max_chars >= 1, f"tokenizer.train_max_chars={t.train_max_chars} must be >= 1")
   _check(n.schedule in schedules.REGISTRY,
          f"noise.schedule={n.schedule!r}; choose one of {sorted(schedules.REGISTRY)}")
   n.build()

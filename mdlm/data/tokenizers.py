@@ -178,10 +178,9 @@ class SentencePieceTokenizer(Tokenizer):
             "model_sha256": hashlib.sha256(self.model_proto).hexdigest()}
 
   def __getstate__(self):
-    return {"model_proto": self.model_proto}
-
-  def __setstate__(self, state):
-    self.__init__(state["model_proto"])
+    state = dict(self.__dict__)
+    state["_sp"] = None  # the processor cannot be pickled; rebuilt on first use
+    return state
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -267,9 +266,16 @@ def train_sentencepiece(texts: Iterable[str], cfg: TokenizerConfig) -> SentenceP
         max_sentence_length=4 * _MAX_PIECE_CHARS + 16, num_threads=os.cpu_count() or 1,
         minloglevel=2)
   except RuntimeError as e:
-    raise ValueError(f"Training a sentencepiece model failed: {e}. If the corpus is too small "
-                     f"for tokenizer.vocab_size={cfg.vocab_size}, lower it (or use "
-                     "tokenizer.kind=byte or char).") from None
+    msg = str(e)
+    if "smaller than required_chars" in msg:
+      fix = "raise tokenizer.vocab_size: it must hold every character of the corpus"
+    elif "too high" in msg:
+      fix = "the corpus is too small for this vocabulary: lower tokenizer.vocab_size"
+    else:
+      fix = "check tokenizer.vocab_size against the corpus"
+    raise ValueError(f"Training a sentencepiece model with tokenizer.vocab_size="
+                     f"{cfg.vocab_size} failed: {fix} (or use tokenizer.kind=byte or char). "
+                     f"sentencepiece said: {msg.strip()}") from None
   return SentencePieceTokenizer(model.getvalue())
 
 

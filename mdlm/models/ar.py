@@ -9,10 +9,8 @@ Transformer.embed_tokens / final_hidden / logits), so the cached computation is 
 forward pass regrouped; tests/test_hybrid.py checks equality position by position.
 
 Sampling (`sample_logits`) is greedy at temperature 0, else temperature + nucleus (top-p; Holtzman
-et al. 2020, "The Curious Case of Neural Text Degeneration") with the high-dynamic-range Gumbel
-sampler, which keeps events down to ~1e-14 probability in float32 (low-precision Gumbel noise
-truncates the tail; Zheng et al. 2024, "Masked diffusion models are secretly time-agnostic masked
-models and exploit inaccurate categorical sampling").
+et al. 2020, "The Curious Case of Neural Text Degeneration") with the exact float64 inverse-CDF
+draw of mdlm.sampling.exact (float32 Gumbel noise would truncate the tail).
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mdlm.models.transformer import Transformer
+from mdlm.sampling import exact
 
 
 class KVCache(NamedTuple):
@@ -120,24 +119,25 @@ def decode_step(model: Transformer, cache: KVCache, token_B, position):
 
 
 def sample_logits(key, logits_BxV, temperature, top_p):
-  """One token per row: argmax if temperature <= 0, else a draw from softmax(logits / temperature)
-  restricted to the smallest set of top tokens whose probability reaches top_p (always >= 1 token).
+  """One token per row: argmax if temperature <= 0, else an exact draw from
+  softmax(logits / temperature) restricted to the smallest set of most probable tokens whose mass
+  reaches top_p (always >= 1 token; ties at the boundary kept).
 
-  temperature and top_p may be traced scalars, so changing them does not recompile.
+  temperature and top_p may be traced scalars, so changing them does not recompile. The draw is
+  mdlm.sampling.exact's float64 inverse-CDF sampler.
   """
   logits = jnp.asarray(logits_BxV, jnp.float32)
   temperature = jnp.asarray(temperature, jnp.float32)
   top_p = jnp.asarray(top_p, jnp.float32)
   greedy_B = jnp.argmax(logits, axis=-1)
   scaled = logits / jnp.maximum(temperature, 1e-6)
-  sorted_desc = -jnp.sort(-scaled, axis=-1)
-  probs = jax.nn.softmax(sorted_desc, axis=-1)
+  probs = jax.nn.softmax(scaled, axis=-1)
+  sorted_desc = -jnp.sort(-probs, axis=-1)
   # A sorted token is kept if the mass strictly before it is below top_p; the first always is.
-  keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-  keep_sorted = keep_sorted | (top_p >= 1.0)
-  threshold_Bx1 = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-  filtered = jnp.where(scaled >= threshold_Bx1, scaled, -jnp.inf)
-  drawn_B = jax.random.categorical(key, filtered, axis=-1, mode="high")
+  kept = ((jnp.cumsum(sorted_desc, axis=-1) - sorted_desc) < top_p) | (top_p >= 1.0)
+  threshold_Bx1 = jnp.min(jnp.where(kept, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+  filtered = jnp.where(probs >= threshold_Bx1, scaled, -jnp.inf)
+  drawn_B = exact.inverse_cdf(filtered, exact.uniform_bits(key, logits.shape[:1]))
   return jnp.where(temperature > 0, drawn_B, greedy_B).astype(jnp.int32)
 
 

@@ -34,6 +34,20 @@ def _dense_init(fan_in):
   return jax.nn.initializers.truncated_normal(1.0 / math.sqrt(fan_in))
 
 
+def dense(x, w, in_ndim: int = 1, preferred_element_type=None):
+  """Contracts the last `in_ndim` axes of x with the first `in_ndim` axes of w, as one 2-D GEMM.
+
+  The operands are flattened to [tokens, fan_in] @ [fan_in, fan_out] (free reshapes) so that the
+  backward pass is two plain GEMMs: with a 3-D einsum the weight gradient contracts over
+  (batch, length) and XLA's CPU backend then materialises transposed copies of the activations.
+  """
+  lead, fan_in = x.shape[: x.ndim - in_ndim], x.shape[x.ndim - in_ndim:]
+  out = w.shape[in_ndim:]
+  y = jnp.dot(x.reshape(-1, math.prod(fan_in)), w.reshape(math.prod(fan_in), -1),
+              preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *out)
+
+
 class Norm(nnx.Module):
   """LayerNorm (no bias, as in MDLM's DiT) or RMSNorm, computed in float32."""
 
@@ -78,15 +92,15 @@ class Attention(nnx.Module):
 
   def qkv(self, x_BxLxD, positions_L):
     dtype = x_BxLxD.dtype
-    qkv = jnp.einsum("bld,dcnh->cblnh", x_BxLxD, self.w_qkv[...].astype(dtype))
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    qkv_BxLx3xNxH = dense(x_BxLxD, self.w_qkv[...].astype(dtype))
+    q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
     theta = self.cfg.rope_theta
     return rotary(q, positions_L, theta), rotary(k, positions_L, theta), v
 
   def attend(self, q, k, v, mask, is_causal):
     out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=is_causal, implementation=self.cfg.attention_impl)
-    return jnp.einsum("blnh,nhd->bld", out, self.w_out[...].astype(q.dtype))
+    return dense(out, self.w_out[...].astype(q.dtype), in_ndim=2)
 
   def __call__(self, x_BxLxD, positions_L, mask):
     q, k, v = self.qkv(x_BxLxD, positions_L)
@@ -107,11 +121,11 @@ class FeedForward(nnx.Module):
   def __call__(self, x_BxLxD):
     dtype = x_BxLxD.dtype
     if self.kind == "swiglu":
-      gate_up = jnp.einsum("bld,dcf->cblf", x_BxLxD, self.w_in[...].astype(dtype))
-      h = jax.nn.silu(gate_up[0]) * gate_up[1]
+      gate_up = dense(x_BxLxD, self.w_in[...].astype(dtype))
+      h = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
     else:
-      h = jax.nn.gelu(x_BxLxD @ self.w_in[...].astype(dtype), approximate=True)
-    return h @ self.w_out[...].astype(dtype)
+      h = jax.nn.gelu(dense(x_BxLxD, self.w_in[...].astype(dtype)), approximate=True)
+    return dense(h, self.w_out[...].astype(dtype))
 
 
 class AdaLN(nnx.Module):
@@ -211,7 +225,7 @@ class Transformer(nnx.Module):
   def logits(self, hidden_BxLxD):
     """Output head in the compute dtype with float32 accumulation and float32 result."""
     w_DxV = self.output_weights().astype(hidden_BxLxD.dtype)
-    return jnp.einsum("bld,dv->blv", hidden_BxLxD, w_DxV, preferred_element_type=jnp.float32)
+    return dense(hidden_BxLxD, w_DxV, preferred_element_type=jnp.float32)
 
   def final_hidden(self, hidden_BxLxD, cond_BxC=None):
     h = self.final_norm(hidden_BxLxD)

@@ -1,0 +1,180 @@
+"""Checkpoints (orbax) and loading a trained run for evaluation and sampling.
+
+A checkpoint holds the train state (parameters, optimizer state, EMA, step, RNG key), the data
+iterator's state and a small metadata record. Saves are asynchronous; the manager keeps the last K
+checkpoints plus the best one by validation loss. Restoring walks back from the newest step when a
+checkpoint is unreadable, with a warning, so a corrupt or partial latest save never blocks resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import warnings
+from typing import Any, NamedTuple, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+
+log = logging.getLogger(__name__)
+BEST_METRIC = "val_nll"
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def manager(directory: str, *, keep: int = 2, async_save: bool = True,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  policy = AnyPreservationPolicy([
+      LatestN(n=keep),
+      BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+            keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, enable_async_checkpointing=async_save, read_only=read_only,
+      create=not read_only)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=("state", "data", "meta"))
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, data_state: dict, meta: dict,
+         metrics: Optional[dict] = None) -> None:
+  mgr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+      meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+
+
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state, *, step: Optional[int] = None):
+  """Returns (step, state, data_state, meta) from the newest readable checkpoint, or None.
+
+  With `step`, restores exactly that step (and raises if it is unreadable).
+  """
+  steps = sorted(mgr.all_steps(), reverse=True)
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(f"No checkpoint for step {step} in {mgr.directory}; have {steps}.")
+    steps = [step]
+  for s in steps:
+    try:
+      out = mgr.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+      return s, out["state"], out["data"], out["meta"]
+    except Exception as e:  # a truncated or corrupt save: fall back to the previous one
+      if _is_mismatch(e):
+        raise CheckpointError(
+            f"Checkpoint step {s} in {mgr.directory} does not match the current model/optimizer "
+            f"configuration ({str(e)[:300]}). Resume with the run's own config.yaml, or start a "
+            "new run directory.") from e
+      if step is not None:
+        raise CheckpointError(f"Checkpoint step {s} in {mgr.directory} is unreadable: {e}") from e
+      quarantine = _quarantine(mgr, s)
+      msg = (f"Checkpoint step {s} in {mgr.directory} is unreadable ({type(e).__name__}: "
+             f"{str(e)[:200]}); moved it to {quarantine} and fell back to the previous one.")
+      warnings.warn(msg)
+      log.warning(msg)
+  return None
+
+
+def _is_mismatch(e: Exception) -> bool:
+  text = str(e)
+  return isinstance(e, ValueError) and ("tree structures do not match" in text or
+                                        "not compatible with the stored shape" in text)
+
+
+def _quarantine(mgr: ocp.CheckpointManager, step: int) -> str:
+  """Moves an unreadable step aside (never deletes it) so training can write that step again."""
+  import shutil
+  src = os.path.join(str(mgr.directory), str(step))
+  dst_root = os.path.join(os.path.dirname(str(mgr.directory)), "checkpoints_unreadable")
+  os.makedirs(dst_root, exist_ok=True)
+  dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
+  shutil.move(src, dst)
+  mgr.reload()
+  return dst
+
+
+class LoadedRun(NamedTuple):
+  model: Any          # mdlm.models.Transformer with the restored (EMA by default) weights
+  tokenizer: Any
+  config: Any         # mdlm.config.Config
+  step: int
+  run_dir: str
+
+
+def _find_run_dir(path: str) -> tuple[str, Optional[int]]:
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No run directory or checkpoint at {path}.")
+  if os.path.exists(os.path.join(path, "config.yaml")):
+    return path, None
+  # A checkpoint step directory: <run_dir>/checkpoints/<step>
+  parent = os.path.dirname(path)
+  run_dir = os.path.dirname(parent)
+  if os.path.basename(parent) == "checkpoints" and os.path.exists(
+      os.path.join(run_dir, "config.yaml")):
+    try:
+      return run_dir, int(os.path.basename(path))
+    except ValueError:
+      pass
+  raise FileNotFoundError(
+      f"{path} is neither a run directory (with config.yaml) nor a checkpoint step directory "
+      "(<run_dir>/checkpoints/<step>).")
+
+
+def load_config(run_dir: str):
+  from omegaconf import OmegaConf
+  from mdlm import config as config_lib
+  schema = OmegaConf.structured(config_lib.Config)
+  cfg = OmegaConf.merge(schema, OmegaConf.load(os.path.join(run_dir, "config.yaml")))
+  return config_lib.validate(OmegaConf.to_object(cfg))
+
+
+def load_run(path: str, *, ema: bool = True, step: Optional[int] = None) -> LoadedRun:
+  """Loads a trained model, its tokenizer and config from a run directory or checkpoint dir."""
+  import absl.logging
+  absl.logging.set_verbosity(absl.logging.ERROR)
+  from flax import nnx
+  from mdlm import data as data_lib
+  from mdlm import models
+  run_dir, ckpt_step = _find_run_dir(path)
+  step = step if step is not None else ckpt_step
+  cfg = load_config(run_dir)
+  tokenizer = data_lib.load_tokenizer(os.path.join(run_dir, "tokenizer"))
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"{run_dir} has no checkpoints/ directory; train it first.")
+  mgr = manager(ckpt_dir, read_only=True, async_save=False)
+  if not mgr.all_steps():
+    raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint.")
+  model_cfg = cfg.model.replace(vocab_size=tokenizer.vocab_size)
+  abstract_model = nnx.eval_shape(lambda: models.build(model_cfg))
+  graphdef, abs_state = nnx.split(abstract_model)
+  params_abs = nnx.to_pure_dict(abs_state)
+  # Restore only what is needed (params / ema) using orbax partial restore of the state tree.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  meta_steps = sorted(mgr.all_steps(), reverse=True) if step is None else [step]
+  last_error = None
+  for s in meta_steps:
+    try:
+      item = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item={"params": params_abs, "ema": params_abs},
+          restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device),
+                                    {"params": params_abs, "ema": params_abs}),
+          partial_restore=True)))
+      weights = item["state"]["ema" if ema else "params"]
+      nnx.replace_by_pure_dict(abs_state, weights)
+      model = nnx.merge(graphdef, abs_state)
+      mgr.close()
+      return LoadedRun(model, tokenizer, cfg, int(s), run_dir)
+    except Exception as e:
+      if step is not None:
+        raise CheckpointError(f"Checkpoint step {s} of {run_dir} is unreadable: {e}") from e
+      warnings.warn(f"Checkpoint step {s} of {run_dir} is unreadable ({e}); trying an older one.")
+      last_error = e
+  raise CheckpointError(f"No readable checkpoint in {ckpt_dir}: {last_error}")

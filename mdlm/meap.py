@@ -1,0 +1,163 @@
+"""MEAP: next-token training of the causal model with a fraction of its *inputs* masked.
+
+Zhuang et al. 2025, "Mask-Enhanced Autoregressive Prediction: Pay Less Attention to Learn More":
+a fraction p of the input tokens is replaced by the mask id; the targets stay the clean next
+tokens, attention stays causal, inference is unchanged.
+
+Masking here (`meap_mask`) draws a fresh pattern for every sequence and masks exactly
+n_b = round(p * E_b) positions of row b, where E_b counts its eligible positions. A position i is
+eligible when
+  - it is a real token (token_mask_i) and not BOS, and
+  - its own next-token target exists (i < L - 1 and token_mask_{i+1}): masking the input of the
+    last position (of the window, or before padding) would hide a token no prediction looks at.
+Shapes are static: each row ranks uniform scores over its eligible positions and masks its n_b
+lowest ranks.
+
+`sft_examples` is the fine-tuning variant: for a (prompt, response) pair it yields the ordinary
+example and, when the response is long, a copy whose response tokens are partly masked, with
+labels only at the masked positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random as random_lib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdlm import diffusion
+
+IGNORE = -1  # label value for positions that carry no loss in SFT examples
+
+
+def eligible_positions(tokens_BxL, token_mask_BxL=None, *, bos_id: int | None):
+  """Bool [B, L]: positions that MEAP may mask (see the module docstring)."""
+  tokens_BxL = jnp.asarray(tokens_BxL)
+  real_BxL = (jnp.ones(tokens_BxL.shape, bool) if token_mask_BxL is None
+              else jnp.asarray(token_mask_BxL, bool))
+  has_target_BxL = jnp.concatenate(
+      [real_BxL[:, 1:], jnp.zeros((tokens_BxL.shape[0], 1), bool)], axis=1)
+  eligible = real_BxL & has_target_BxL
+  if bos_id is not None:
+    eligible = eligible & (tokens_BxL != bos_id)
+  return eligible
+
+
+def meap_mask(key, tokens_BxL, token_mask_BxL=None, *, ratio: float, mask_id: int,
+              bos_id: int | None):
+  """Returns (inputs_BxL, masked_BxL): tokens with exactly round(ratio * eligible_b) eligible
+  positions of each row b replaced by mask_id, a fresh uniformly random subset per row."""
+  if not 0.0 <= ratio < 1.0:
+    raise ValueError(f"MEAP ratio must lie in [0, 1), got {ratio}.")
+  tokens_BxL = jnp.asarray(tokens_BxL)
+  if tokens_BxL.ndim != 2:
+    raise ValueError(f"tokens must be [batch, length], got shape {tokens_BxL.shape}.")
+  eligible_BxL = eligible_positions(tokens_BxL, token_mask_BxL, bos_id=bos_id)
+  count_Bx1 = jnp.round(ratio * jnp.sum(eligible_BxL, axis=1, keepdims=True)).astype(jnp.int32)
+  # Ineligible positions get score 2 > any uniform draw, so they rank after every eligible one.
+  score_BxL = jnp.where(eligible_BxL, jax.random.uniform(key, tokens_BxL.shape), 2.0)
+  rank_BxL = jnp.argsort(jnp.argsort(score_BxL, axis=1), axis=1)
+  masked_BxL = eligible_BxL & (rank_BxL < count_Bx1)
+  inputs_BxL = jnp.where(masked_BxL, jnp.asarray(mask_id, tokens_BxL.dtype), tokens_BxL)
+  return inputs_BxL, masked_BxL
+
+
+def meap_loss(model, batch, key, *, ratio: float, mask_id: int, bos_id: int | None,
+              attention_mask_BxL=None, dropout_key=None) -> diffusion.LossTerms:
+  """One MEAP draw: per-sequence next-token NLL from masked inputs, as diffusion.LossTerms.
+
+  batch: {"tokens": int [B, L], "token_mask": bool [B, L] (optional)}. The targets are the clean
+  tokens x_{i+1}; num_tokens_B counts the real targets (as for the plain AR loss), so
+  sum(nll_sum_B) / sum(num_tokens_B) is the mean next-token NLL. attention_mask_BxL (padding,
+  pad layout only) is passed to the model as its key mask.
+  """
+  tokens_BxL = jnp.asarray(batch["tokens"])
+  token_mask_BxL = batch.get("token_mask")
+  if token_mask_BxL is None:
+    token_mask_BxL = jnp.ones(tokens_BxL.shape, bool)
+  inputs_BxL, masked_BxL = meap_mask(key, tokens_BxL, token_mask_BxL, ratio=ratio,
+                                     mask_id=mask_id, bos_id=bos_id)
+  logits = model(inputs_BxL, token_mask_BxL=attention_mask_BxL, dropout_key=dropout_key)
+  # ar_nll reads the targets from its second argument: the clean tokens, not the inputs.
+  nll_BxLm1 = diffusion.ar_nll(logits, tokens_BxL, token_mask_BxL)
+  counted_B = jnp.sum(jnp.asarray(token_mask_BxL, bool)[:, 1:], axis=-1).astype(jnp.float32)
+  return diffusion.LossTerms(jnp.sum(nll_BxLm1, axis=-1), counted_B,
+                             jnp.sum(masked_BxL, axis=-1).astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTExample:
+  """inputs[i] is fed at position i; labels[i] is the target of the prediction made at position
+  i - 1 (the label aligned with the token it names); IGNORE marks positions without loss."""
+
+  inputs: list[int]
+  labels: list[int]
+
+
+def sft_examples(prompt: Sequence[int], response: Sequence[int], *, mask_id: int, eos_id: int,
+                 ratio: float = 0.1, min_response_len: int = 50, max_len: int | None = None,
+                 rng: random_lib.Random | None = None) -> list[SFTExample]:
+  """The MEAP fine-tuning examples of one (prompt, response) pair, as token lists.
+
+  1. The ordinary example: prompt + response + EOS, labels on the response and EOS.
+  2. If len(response) > min_response_len: a copy of prompt + response in which
+     max(1, round(ratio * n)) of the n response tokens (inside max_len) are replaced by mask_id,
+     with labels only at those positions (the clean tokens there), then EOS (no label).
+  Sequences longer than max_len are cut to max_len tokens, the last one EOS.
+  """
+  prompt, response = list(map(int, prompt)), list(map(int, response))
+  if not 0.0 < ratio < 1.0:
+    raise ValueError(f"ratio must lie in (0, 1), got {ratio}.")
+  if max_len is not None and max_len < len(prompt) + 2:
+    raise ValueError(f"max_len={max_len} leaves no room for the response after a "
+                     f"{len(prompt)}-token prompt; raise max_len or shorten the prompt.")
+  if mask_id in prompt + response:
+    raise ValueError(f"the mask id {mask_id} already occurs in the prompt or response.")
+  rng = rng or random_lib.Random(0)
+  limit = max_len if max_len is not None else len(prompt) + len(response) + 1
+
+  inputs = (prompt + response)[: limit - 1] + [eos_id]
+  labels = [IGNORE] * len(prompt) + inputs[len(prompt):]
+  examples = [SFTExample(inputs, labels[: len(inputs)])]
+
+  if len(response) > min_response_len:
+    copy = (prompt + response)[: limit - 1]
+    positions = list(range(len(prompt), len(copy)))
+    count = max(1, int(np.round(ratio * len(positions))))
+    chosen = sorted(rng.sample(positions, count))
+    masked_inputs, masked_labels = list(copy), [IGNORE] * len(copy)
+    for pos in chosen:
+      masked_inputs[pos] = mask_id
+      masked_labels[pos] = copy[pos]
+    examples.append(SFTExample(masked_inputs + [eos_id], masked_labels + [IGNORE]))
+  return examples
+
+
+def pad_examples(examples: Sequence[SFTExample], length: int, pad_id: int):
+  """Stacks examples into {"tokens", "labels", "token_mask"} numpy arrays of width `length`."""
+  n = len(examples)
+  tokens = np.full((n, length), pad_id, np.int32)
+  labels = np.full((n, length), IGNORE, np.int32)
+  mask = np.zeros((n, length), bool)
+  for row, ex in enumerate(examples):
+    if len(ex.inputs) > length:
+      raise ValueError(f"example {row} has {len(ex.inputs)} tokens > length {length}.")
+    tokens[row, : len(ex.inputs)] = ex.inputs
+    labels[row, : len(ex.labels)] = ex.labels
+    mask[row, : len(ex.inputs)] = True
+  return {"tokens": tokens, "labels": labels, "token_mask": mask}
+
+
+def sft_loss(model, batch):
+  """(nll_sum, num_labels) for padded SFT examples: the logits at i - 1 score labels[i]."""
+  tokens, labels = batch["tokens"], jnp.asarray(batch["labels"])
+  logits = jnp.asarray(model(tokens, token_mask_BxL=batch.get("token_mask")), jnp.float32)
+  logits, targets = logits[:, :-1], labels[:, 1:]
+  counted = targets != IGNORE
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], -1)[..., 0]
+  nll = jnp.where(counted, logz - target_logit, 0.0)
+  return jnp.sum(nll), jnp.sum(counted).astype(jnp.float32)

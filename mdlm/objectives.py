@@ -1,0 +1,82 @@
+"""Training objectives: each maps (model, batch, key) to per-sequence loss sums and token counts.
+
+An objective returns `LossTerms(nll_sum_B, num_tokens_B, num_masked_B)` (see mdlm.diffusion), so
+the trainer can normalise by real tokens over the *global* batch, accumulate gradients exactly, and
+evaluation can report standard errors over sequences. Register new objectives in OBJECTIVES.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from mdlm import diffusion
+from mdlm.schedules import Schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """Static settings an objective needs (hashable: part of the jitted step's closure)."""
+
+  schedule: Schedule
+  mask_id: int
+  bos_id: int = -1
+  pad_layout: bool = False       # pass the padding mask to attention (pad layout only)
+  t_min: float = diffusion.T_MIN
+  num_steps: Optional[int] = None
+  antithetic: bool = True
+  meap_ratio: float = 0.15
+
+
+def _attention_mask(batch, ctx):
+  return batch["token_mask"] if ctx.pad_layout else None
+
+
+def diffusion_objective(model, batch, key, ctx: Context, dropout_key=None) -> diffusion.LossTerms:
+  """Masked-diffusion NELBO terms. Uses batch["t"] when given (times drawn over the global batch
+  by the trainer), otherwise draws antithetic times for this batch."""
+  x0, token_mask = batch["tokens"], batch["token_mask"]
+  t_B = batch.get("t")
+  if t_B is None:
+    t_B = diffusion.sample_times(jax.random.fold_in(key, 0), x0.shape[0], t_min=ctx.t_min,
+                                 antithetic=ctx.antithetic)
+    if ctx.num_steps is not None:
+      t_B = diffusion.discretize_times(t_B, ctx.num_steps)
+  xt = diffusion.corrupt(jax.random.fold_in(key, 1), x0, t_B, ctx.schedule, ctx.mask_id, token_mask)
+  noise = ctx.schedule.mask_prob(t_B) if model.cfg.time_conditioning else None
+  logits = model(xt, noise, token_mask_BxL=_attention_mask(batch, ctx), dropout_key=dropout_key)
+  per_token = diffusion.nelbo(logits, x0, xt, t_B, ctx.schedule, ctx.mask_id, token_mask,
+                              num_steps=ctx.num_steps, t_min=ctx.t_min)
+  return diffusion.loss_terms(per_token, token_mask, (xt == ctx.mask_id) & token_mask)
+
+
+def ar_objective(model, batch, key, ctx: Context, dropout_key=None) -> diffusion.LossTerms:
+  """Exact next-token NLL: position i predicts token i + 1; L - 1 targets per window."""
+  del key
+  x, token_mask = batch["tokens"], batch["token_mask"]
+  logits = model(x, token_mask_BxL=_attention_mask(batch, ctx), dropout_key=dropout_key)
+  nll = diffusion.ar_nll(logits, x, token_mask)
+  counted = token_mask[:, 1:]
+  return diffusion.LossTerms(nll.sum(-1), counted.sum(-1).astype(jnp.float32),
+                             counted.sum(-1).astype(jnp.float32))
+
+
+Objective = Callable[..., diffusion.LossTerms]
+
+OBJECTIVES: dict[str, Objective] = {
+    "diffusion": diffusion_objective,
+    "ar": ar_objective,
+}
+
+# The objective used to *evaluate* a model trained with a given objective (MEAP models are
+# ordinary AR models at inference).
+EVAL_OBJECTIVE: dict[str, str] = {"diffusion": "diffusion", "ar": "ar", "meap": "ar"}
+
+
+def get(name: str) -> Objective:
+  if name not in OBJECTIVES:
+    raise ValueError(f"Unknown objective {name!r}; available: {sorted(OBJECTIVES)}.")
+  return OBJECTIVES[name]

@@ -1,0 +1,32 @@
+"""Samplers for masked diffusion language models.
+
+Every sampler is a pure function compiled whole with jax.jit: it takes a denoiser callable
+`denoise(xt_BxL, t_B) -> logits_BxLxV` (the sampler applies SUBS), a key, the starting sequence
+xt (all mask_id for unconditional generation; given tokens + mask_id to infill or prompt) and its
+settings, and returns (tokens, stats) with stats["nfe"] (denoiser calls) and stats["steps"].
+
+  denoise = denoiser_from_model(model, schedule)          # a trained mdlm denoiser
+  tokens, stats = ancestral(key, denoise, xt, steps=1000, schedule=schedule,
+                            mask_id=model.mask_id)        # cached (step-skipping) by default
+  tokens, stats = confidence(key, denoise, xt, steps=64, mask_id=model.mask_id, block_length=32)
+  tokens, stats = semi_autoregressive(key, denoise, xt_long, window=128, stride=64,
+                                      steps=128, schedule=schedule, mask_id=model.mask_id)
+  cfg_denoise = guided(denoise, prompt_mask, w=1.0)
+  results, stats = infill(key, denoise, tokenizer, "The [MASK*5] of Denmark", steps=100, ...)
+"""
+
+from mdlm.sampling.ancestral_sampler import ancestral, time_grid
+from mdlm.sampling.exact import categorical, inverse_cdf, top_p_filter
+from mdlm.sampling.confidence_sampler import confidence
+from mdlm.sampling.denoisers import Guided, ModelDenoiser, denoiser_from_model, guided
+from mdlm.sampling.metrics import (generative_perplexity, generative_perplexity_text,
+                                   unigram_entropy)
+from mdlm.sampling.semi_ar import semi_autoregressive, window_starts
+from mdlm.sampling.text import (decode, infill, parse_template, prompt_tokens, run_sampler)
+
+__all__ = [
+    "ancestral", "confidence", "semi_autoregressive", "guided", "denoiser_from_model",
+    "ModelDenoiser", "Guided", "categorical", "inverse_cdf", "top_p_filter", "time_grid",
+    "window_starts", "infill", "parse_template", "prompt_tokens", "decode", "run_sampler",
+    "generative_perplexity", "generative_perplexity_text", "unigram_entropy",
+]

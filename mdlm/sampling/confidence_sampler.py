@@ -1,0 +1,183 @@
+"""Confidence-based remasking (Nie et al. 2025, "Large Language Diffusion Models", LLaDA) and the
+confidence-threshold rule of Fast-dLLM (Wu et al. 2025, "Fast-dLLM: Training-free Acceleration of
+Diffusion LLM by Enabling KV Cache and Parallel Decoding").
+
+Each step predicts every still-masked position of the current block (argmax, or an exact draw at
+temperature > 0), scores it by the model probability of the prediction (or a uniform number for
+random remasking), and commits the k highest-scoring predictions; the other positions stay masked.
+
+Schedule (LLaDA's linear schedule): a block with m masked positions and s steps commits
+floor(m / s) per step plus one more in each of the first m mod s steps. We compute it as
+k_i = ceil(remaining_i / (s - i)) from the count still masked before step i, which gives the same
+sequence (after i steps, remaining = (s - i) floor(m/s) + max(m mod s - i, 0)) and lets the
+threshold rule below share it.
+
+Threshold rule (Fast-dLLM): commit every candidate whose probability is >= tau, and at least the
+scheduled k (k >= 1 while the block has masks), so a block always finishes within its steps.
+With steps = block length this is Fast-dLLM's "at least the top-1".
+
+Blocks (LLaDA's semi-autoregressive remasking): the masked positions of each row, in left-to-right
+order, form consecutive blocks of `block_length`; block j is finished before block j + 1 starts.
+For a prompt followed by a generation span this is LLaDA's layout. `steps` is spread over the
+blocks as evenly as possible (LLaDA requires steps divisible by the number of blocks; we do not).
+A step at which no row has anything to commit (a finished block under the threshold rule) does
+not call the denoiser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdlm import diffusion
+from mdlm.sampling import common, denoisers
+from mdlm.sampling import exact
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  steps: int
+  mask_id: int
+  block_length: int              # positions per block (<= max masked positions per row)
+  block_of_step: tuple           # block index of every step
+  step_in_block: tuple           # index of every step inside its block
+  steps_in_block: tuple          # steps given to each block
+  threshold: Optional[float]
+  temperature: float
+  remasking: str
+
+
+def _predict(log_probs_BxSxV, key, spec: Spec):
+  """Predicted tokens and their scores at a slab of positions."""
+  b, s, v = log_probs_BxSxV.shape
+  if spec.temperature == 0.0:
+    tokens = jnp.argmax(log_probs_BxSxV, axis=-1).astype(jnp.int32)
+  else:
+    bits = exact.uniform_bits(key, (b * s,))
+    tokens = exact.draw(log_probs_BxSxV.reshape(b * s, v), bits,
+                              temperature=spec.temperature, top_p=1.0).reshape(b, s)
+  # The score is the untempered model probability of the prediction (as LLaDA), kept in log
+  # space: monotone in the probability, so ranks and the tau comparison are unchanged.
+  log_conf = jnp.take_along_axis(log_probs_BxSxV, tokens[..., None], axis=-1)[..., 0]
+  return tokens, log_conf
+
+
+def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
+  b, length = xt_BxL.shape
+  masked0_BxL = xt_BxL == spec.mask_id
+  rank0_BxL = jnp.cumsum(masked0_BxL, axis=1, dtype=jnp.int32) - 1
+  start_count_B = jnp.sum(masked0_BxL, axis=1, dtype=jnp.int32)
+  block_of_step = jnp.asarray(spec.block_of_step, jnp.int32)
+  step_in_block = jnp.asarray(spec.step_in_block, jnp.int32)
+  steps_in_block = jnp.asarray(spec.steps_in_block, jnp.int32)
+  log_tau = None if spec.threshold is None else float(np.log(spec.threshold))
+
+  def step(i, carry):
+    x, nfe, commits_SxB, fill_BxL = carry
+    j = block_of_step[i]
+    idx_BxS = common.compact(masked0_BxL, rank0_BxL, j * spec.block_length, spec.block_length)
+    candidate_BxS = (idx_BxS < length) & (common.gather_rows(x, idx_BxS) == spec.mask_id)
+    remaining_B = jnp.sum(candidate_BxS, axis=1, dtype=jnp.int32)
+    steps_left = steps_in_block[j] - step_in_block[i]
+    k_B = (remaining_B + steps_left - 1) // steps_left  # LLaDA's linear schedule
+
+    def commit(operand):
+      x, nfe, commits_SxB, fill_BxL = operand
+      # t for a time-conditioned denoiser: the fraction of the row's positions still masked.
+      still_B = jnp.sum(x == spec.mask_id, axis=1)
+      t_B = jnp.maximum(still_B / jnp.maximum(start_count_B, 1), 1e-5).astype(jnp.float32)
+      logits_BxSxV = common.gather_rows(denoise(x, t_B), idx_BxS)
+      log_probs = diffusion.subs_log_probs(
+          logits_BxSxV, jnp.full(idx_BxS.shape, spec.mask_id, jnp.int32), spec.mask_id)
+      tokens_BxS, log_conf_BxS = _predict(log_probs, jax.random.fold_in(key, 2 * i), spec)
+      if spec.remasking == "random":
+        score_BxS = jax.random.uniform(jax.random.fold_in(key, 2 * i + 1), idx_BxS.shape)
+      else:
+        score_BxS = log_conf_BxS
+      score_BxS = jnp.where(candidate_BxS, score_BxS, -jnp.inf)
+      order_BxS = jnp.argsort(-score_BxS, axis=1, stable=True)
+      rank_BxS = jnp.argsort(order_BxS, axis=1, stable=True)
+      count_B = k_B
+      if log_tau is not None:
+        count_B = jnp.maximum(k_B, jnp.sum(candidate_BxS & (log_conf_BxS >= log_tau), axis=1))
+      chosen_BxS = candidate_BxS & (rank_BxS < count_B[:, None])
+      new_BxS = jnp.where(chosen_BxS, tokens_BxS, spec.mask_id)
+      x = common.scatter_rows(x, jnp.where(chosen_BxS, idx_BxS, length), new_BxS)
+      fill_BxL = common.scatter_rows(fill_BxL, jnp.where(chosen_BxS, idx_BxS, length),
+                                     jnp.full(idx_BxS.shape, i + 1, jnp.int32))
+      commits_SxB = commits_SxB.at[i].set(jnp.sum(chosen_BxS, axis=1, dtype=jnp.int32))
+      return x, nfe + 1, commits_SxB, fill_BxL
+
+    return jax.lax.cond(jnp.any(k_B > 0), commit, lambda c: c, (x, nfe, commits_SxB, fill_BxL))
+
+  init = (xt_BxL, jnp.int32(0), jnp.zeros((spec.steps, b), jnp.int32),
+          jnp.zeros((b, length), jnp.int32))
+  x, nfe, commits_SxB, fill_BxL = jax.lax.fori_loop(0, spec.steps, step, init)
+  return x, {"nfe": nfe, "steps": jnp.int32(spec.steps), "commits": commits_SxB,
+             "fill_step": fill_BxL}
+
+
+def _confidence_impl(static_fn, fn_arrays, key, xt_BxL, *, spec: Spec):
+  return _confidence_loop(denoisers.combine(static_fn, fn_arrays), key, xt_BxL, spec)
+
+
+_confidence_jit = common.jit_with_denoiser(_confidence_impl, static_argnames=("spec",))
+
+
+def prepare(xt_BxL, denoise, *, steps, mask_id, block_length, threshold, temperature, remasking,
+            max_masked=None):
+  steps = common.check_steps(steps)
+  exact.validate(temperature, 1.0)
+  if remasking not in REMASKING:
+    raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}.")
+  if threshold is not None:
+    if not 0.0 < threshold <= 1.0:
+      raise ValueError(f"threshold must lie in (0, 1] (Fast-dLLM uses 0.9), got {threshold}.")
+    if remasking != "low_confidence":
+      raise ValueError("the confidence threshold needs remasking='low_confidence'.")
+  xt_BxL = common.check_xt(xt_BxL, mask_id, denoise)
+  masked = max(1, common.max_masked(xt_BxL, mask_id) if max_masked is None else max_masked)
+  if block_length is None:
+    block_length = masked
+  if isinstance(block_length, bool) or not isinstance(block_length, (int, np.integer)) \
+      or block_length < 1:
+    raise ValueError(f"block_length must be an integer >= 1 or None, got {block_length!r}.")
+  block_length = min(int(block_length), masked)
+  num_blocks = -(-masked // block_length)
+  if steps < num_blocks:
+    raise ValueError(f"steps={steps} is fewer than the {num_blocks} blocks of {block_length} "
+                     f"masked positions; use steps >= {num_blocks} or a larger block_length.")
+  per_block = [steps // num_blocks + (j < steps % num_blocks) for j in range(num_blocks)]
+  block_of_step = tuple(j for j, n in enumerate(per_block) for _ in range(n))
+  step_in_block = tuple(i for n in per_block for i in range(n))
+  spec = Spec(steps=steps, mask_id=int(mask_id), block_length=block_length,
+              block_of_step=block_of_step, step_in_block=step_in_block,
+              steps_in_block=tuple(per_block),
+              threshold=None if threshold is None else float(threshold),
+              temperature=float(temperature), remasking=remasking)
+  return xt_BxL, spec
+
+
+def confidence(key, denoise, xt, *, steps: int, mask_id: int, block_length: Optional[int] = None,
+               threshold: Optional[float] = None, temperature: float = 0.0,
+               remasking: str = "low_confidence"):
+  """Fills the masked positions of xt [B, L] by confidence-based remasking in `steps` steps.
+
+  block_length: masked positions per semi-autoregressive block (None: one block).
+  threshold: Fast-dLLM rule, commit every prediction with probability >= threshold (and at least
+    the scheduled count). temperature: 0 = argmax predictions, > 0 = exact tempered draws.
+  remasking: "low_confidence" (keep the most probable) or "random" (LLaDA's random remasking).
+
+  Returns (tokens, stats): stats["nfe"], stats["steps"], stats["commits"] [steps, B] (tokens
+  committed per step) and stats["fill_step"] [B, L] (1-based step that filled each position; 0 if
+  given).
+  """
+  xt, spec = prepare(xt, denoise, steps=steps, mask_id=mask_id, block_length=block_length,
+                     threshold=threshold, temperature=temperature, remasking=remasking)
+  return _confidence_jit(denoise, key, xt, spec=spec)

@@ -1,0 +1,177 @@
+"""Denoiser callables: the one thing a sampler knows about a model.
+
+A denoiser is any callable `denoise(xt_BxL, t_B) -> logits_BxLxV` over the V real tokens (a
+(V + 1)-th mask column is tolerated; SUBS removes it). The sampler applies SUBS itself. Optional
+attributes the samplers read when present:
+
+  mask_id          the absorbing token id (checked against the sampler's mask_id)
+  max_length       the longest sequence the denoiser accepts
+  time_conditioned whether the output depends on t (informational: the cached samplers here skip
+                   only calls whose output would be unused, which is exact either way)
+
+Samplers are jit-compiled with the denoiser as an argument. A denoiser that is a pytree (the
+model adapter and the guidance wrapper below) passes its arrays as traced inputs, so parameters
+are not baked into the program and a new checkpoint of the same architecture reuses the compiled
+sampler; a plain function is treated as a static argument (hashed by identity).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class _GraphKey:
+  """Hashable holder of an nnx GraphDef (which holds an unhashable ModelConfig)."""
+
+  def __init__(self, graphdef, key: str):
+    self.graphdef, self.key = graphdef, key
+
+  def __hash__(self):
+    return hash(self.key)
+
+  def __eq__(self, other):
+    return isinstance(other, _GraphKey) and self.key == other.key and self.graphdef == other.graphdef
+
+
+@jax.tree_util.register_pytree_node_class
+class ModelDenoiser:
+  """An mdlm Transformer (kind "denoiser") as a denoiser callable.
+
+  The model is conditioned on noise_level = schedule.mask_prob(t) = 1 - alpha(t) when its config
+  has time_conditioning; otherwise t is ignored.
+  """
+
+  def __init__(self, graph: _GraphKey, state, schedule, time_conditioned: bool, mask_id: int,
+               vocab_size: int, max_length: int):
+    self.graph, self.state, self.schedule = graph, state, schedule
+    self.time_conditioned, self.mask_id = time_conditioned, mask_id
+    self.vocab_size, self.max_length = vocab_size, max_length
+
+  def __call__(self, xt_BxL, t_B):
+    model = nnx.merge(self.graph.graphdef, self.state)
+    noise_B = self.schedule.mask_prob(t_B) if self.time_conditioned else None
+    return model(xt_BxL, noise_B)
+
+  def tree_flatten(self):
+    return (self.state,), (self.graph, self.schedule, self.time_conditioned, self.mask_id,
+                           self.vocab_size, self.max_length)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    graph, schedule, tc, mask_id, vocab, max_len = aux
+    return cls(graph, children[0], schedule, tc, mask_id, vocab, max_len)
+
+
+def denoiser_from_model(model, schedule=None) -> ModelDenoiser:
+  """Wraps a trained mdlm denoiser (mdlm.models.Transformer) as `denoise(xt, t) -> logits`.
+
+  schedule: the training noise schedule (mdlm.schedules); required when the model is
+  time-conditioned, since the model reads 1 - alpha(t), not t.
+  """
+  cfg = model.cfg
+  if cfg.kind != "denoiser":
+    raise ValueError(f"denoiser_from_model needs a bidirectional denoiser (model kind "
+                     f"'denoiser'); got kind {cfg.kind!r}. AR models serve as evaluators "
+                     "(mdlm.sampling.metrics.generative_perplexity) instead.")
+  if cfg.time_conditioning and schedule is None:
+    raise ValueError("This model is time-conditioned: pass its training noise schedule, e.g. "
+                     "denoiser_from_model(model, run.config.noise.build()).")
+  graphdef, state = nnx.split(model)
+  return ModelDenoiser(_GraphKey(graphdef, repr(cfg)), state, schedule, bool(cfg.time_conditioning),
+                       int(model.mask_id), int(cfg.vocab_size), int(cfg.max_seq_len))
+
+
+@jax.tree_util.register_pytree_node_class
+class Guided:
+  """Unsupervised classifier-free guidance (Nie et al. 2024, "Scaling up Masked Diffusion Models
+  on Text", SMDM): logits = (1 + w) logits(xt) - w logits(xt with the prompt masked).
+
+  Both passes run as one call of the inner denoiser on a 2B batch.
+  """
+
+  def __init__(self, denoise: Denoiser, prompt_mask, w, mask_id: int):
+    self.denoise, self.prompt_mask, self.w, self.mask_id = denoise, prompt_mask, w, mask_id
+
+  @property
+  def max_length(self):
+    return getattr(self.denoise, "max_length", None)
+
+  @property
+  def time_conditioned(self):
+    return getattr(self.denoise, "time_conditioned", True)
+
+  def __call__(self, xt_BxL, t_B):
+    prompt_BxL = jnp.broadcast_to(self.prompt_mask, xt_BxL.shape)
+    unconditional = jnp.where(prompt_BxL, jnp.asarray(self.mask_id, xt_BxL.dtype), xt_BxL)
+    t_B = jnp.broadcast_to(t_B, xt_BxL.shape[:1])
+    logits = self.denoise(jnp.concatenate([xt_BxL, unconditional]), jnp.concatenate([t_B, t_B]))
+    cond, uncond = jnp.split(jnp.asarray(logits, jnp.float32), 2)
+    return (1.0 + self.w) * cond - self.w * uncond
+
+  def tree_flatten(self):
+    return (self.denoise, self.prompt_mask, self.w), (self.mask_id,)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+
+def guided(denoise: Denoiser, prompt_mask, w: float, *, mask_id: Optional[int] = None) -> Guided:
+  """Wraps `denoise` into its CFG version; prompt_mask [B, L] or [L] marks the prompt tokens.
+
+  mask_id defaults to denoise.mask_id (present on model denoisers).
+  """
+  mask_id = getattr(denoise, "mask_id", None) if mask_id is None else mask_id
+  if mask_id is None:
+    raise ValueError("guided: pass mask_id= (this denoiser has no mask_id attribute).")
+  prompt_mask = np.asarray(prompt_mask, bool) if not isinstance(prompt_mask, jax.Array) else prompt_mask
+  if prompt_mask.ndim not in (1, 2):
+    raise ValueError(f"prompt_mask must be [L] or [B, L], got shape {prompt_mask.shape}.")
+  if not np.isfinite(w):
+    raise ValueError(f"guidance weight w must be finite, got {w}.")
+  return Guided(denoise, jnp.asarray(prompt_mask), jnp.asarray(w, jnp.float32), int(mask_id))
+
+
+# ---- passing a denoiser through jax.jit ----------------------------------------------------------
+
+_ARRAY = object()  # placeholder for a traced leaf in the static half
+
+
+class _Static:
+  """The non-array part of a callable pytree: its treedef and its non-array leaves."""
+
+  def __init__(self, treedef, leaves: tuple):
+    self.treedef, self.leaves = treedef, leaves
+
+  def __hash__(self):
+    return hash((self.treedef, tuple(id(l) if l is _ARRAY else l for l in self.leaves)))
+
+  def __eq__(self, other):
+    return (isinstance(other, _Static) and self.treedef == other.treedef
+            and len(self.leaves) == len(other.leaves)
+            and all((a is b) or (a is not _ARRAY and b is not _ARRAY and a == b)
+                    for a, b in zip(self.leaves, other.leaves)))
+
+
+def _is_array(leaf: Any) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def partition(fn) -> tuple[_Static, list]:
+  """Splits a (pytree) callable into a hashable static part and a list of arrays."""
+  leaves, treedef = jax.tree_util.tree_flatten(fn)
+  static = tuple(_ARRAY if _is_array(l) else l for l in leaves)
+  return _Static(treedef, static), [l for l in leaves if _is_array(l)]
+
+
+def combine(static: _Static, arrays: list):
+  it = iter(arrays)
+  leaves = [next(it) if l is _ARRAY else l for l in static.leaves]
+  return jax.tree_util.tree_unflatten(static.treedef, leaves)

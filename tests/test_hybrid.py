@@ -1,0 +1,350 @@
+"""KV-cached AR decoding, MEAP masking and the MARIA head (tiny models only)."""
+
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mdlm import meap
+from mdlm import schedules
+from mdlm.models import ar, build, hybrid, presets
+
+V = 37
+L = 12
+
+
+def _model(kind, seed, **overrides):
+  fields = dict(kind=kind, vocab_size=V, max_seq_len=L, num_layers=2, d_model=32, num_heads=2)
+  return build(presets.get("tiny", **{**fields, **overrides}), seed=seed)
+
+
+@nnx.jit
+def _forward(model, *args):
+  return model(*args)
+
+
+@nnx.jit
+def _hidden(model, tokens):
+  return model(tokens, return_hidden=True)[1]
+
+
+@pytest.fixture(scope="module")
+def ar_model():
+  return _model("ar", 1)
+
+
+@pytest.fixture(scope="module")
+def head():
+  return hybrid.build_maria(_model("denoiser", 2), _model("ar", 3, d_model=48, num_heads=3))
+
+
+def _tokens(seed, shape=(3, L)):
+  return jax.random.randint(jax.random.key(seed), shape, 0, V)
+
+
+# ---------------------------------------------------------------- KV-cached decoding
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5])
+def test_cached_logits_equal_uncached_forward(ar_model, prompt_len):
+  x = _tokens(0)
+  full = _forward(ar_model, x)
+  cached = ar.cached_logits(ar_model, x, prompt_len=prompt_len)
+  assert cached.shape == full.shape
+  np.testing.assert_allclose(cached, full, atol=2e-5, rtol=1e-5)
+
+
+def test_cached_logits_other_architecture():
+  model = _model("ar", 4, mlp="swiglu", norm="rmsnorm", tie_embeddings=True)
+  x = _tokens(1, (2, L))
+  np.testing.assert_allclose(ar.cached_logits(model, x, prompt_len=3), model(x), atol=2e-5,
+                             rtol=1e-5)
+
+
+def test_greedy_generate_equals_uncached_argmax_loop(ar_model):
+  prompt = _tokens(2, (2, 4))
+  out = ar.generate(ar_model, jax.random.key(0), prompt, max_new_tokens=L - 4, temperature=0.0)
+  seq = np.zeros((2, L), np.int32)  # causal: the zeros after position n do not affect it
+  seq[:, :4] = prompt
+  for n in range(4, L):
+    seq[:, n] = np.argmax(_forward(ar_model, seq)[:, n - 1], axis=-1)
+  np.testing.assert_array_equal(out, seq)
+
+
+def test_cache_shapes_are_static(ar_model):
+  cfg = ar_model.cfg
+  cache = ar.init_cache(ar_model, 2, L)
+  expected = [(2, L, cfg.num_heads, cfg.head_dim)] * cfg.num_layers
+  assert [k.shape for k in cache.k] == expected == [v.shape for v in cache.v]
+  cache, hidden = ar.prefill(ar_model, _tokens(3, (2, 5)), cache)
+  assert [k.shape for k in cache.k] == expected and hidden.shape == (2, 5, cfg.d_model)
+  step = jax.jit(lambda c, t, p: ar.decode_step(ar_model, c, t, p))
+  for pos in range(5, 8):  # one compilation serves every position (position is traced)
+    cache, hidden = step(cache, jnp.zeros((2,), jnp.int32), pos)
+    assert [k.shape for k in cache.k] == expected and hidden.shape == (2, cfg.d_model)
+  assert step._cache_size() == 1
+
+
+def test_prompt_longer_than_model_refused(ar_model):
+  with pytest.raises(ValueError, match="max_seq_len"):
+    ar.generate(ar_model, jax.random.key(0), _tokens(0, (1, L + 1)), max_new_tokens=1)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    ar.generate(ar_model, jax.random.key(0), _tokens(0, (1, L - 2)), max_new_tokens=3)
+  with pytest.raises(ValueError, match="max_seq_len"):
+    ar.init_cache(ar_model, 1, L + 1)
+  with pytest.raises(ValueError, match="causal"):
+    ar.generate(_model("denoiser", 0), jax.random.key(0), _tokens(0, (1, 2)), max_new_tokens=1)
+
+
+def test_sample_logits_greedy_and_nucleus():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+  greedy = ar.sample_logits(jax.random.key(0), logits, 0.0, 1.0)
+  assert (greedy == 0).all()
+  # top_p = 0.7: the nucleus is {0, 1} (mass before token 2 is 0.8 >= 0.7), renormalised 5/8, 3/8.
+  draws = np.asarray(ar.sample_logits(jax.random.key(1), logits, 1.0, 0.7))
+  assert set(np.unique(draws)) == {0, 1}
+  assert abs((draws == 0).mean() - 0.625) < 0.03
+  # top_p = 1, temperature 1: the full distribution.
+  draws = np.asarray(ar.sample_logits(jax.random.key(2), logits, 1.0, 1.0))
+  np.testing.assert_allclose(np.bincount(draws, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05],
+                             atol=0.03)
+
+
+# ---------------------------------------------------------------- MEAP
+
+
+def _meap_batch():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, V, (16, 40)).astype(np.int32)
+  mask = np.ones_like(tokens, bool)
+  lengths = rng.integers(5, 41, 16)
+  for b, n in enumerate(lengths):
+    mask[b, n:] = False
+    tokens[b, n:] = 2  # pad id
+  tokens[:, 0] = 1      # BOS
+  tokens[3, 17] = 1     # a BOS inside a packed window
+  return tokens, mask
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.15, 0.5])
+def test_meap_masks_exact_count_never_bos_pad_last(ratio):
+  tokens, mask = _meap_batch()
+  inputs, masked = meap.meap_mask(jax.random.key(0), tokens, mask, ratio=ratio, mask_id=V,
+                                  bos_id=1)
+  inputs, masked = np.asarray(inputs), np.asarray(masked)
+  for b in range(tokens.shape[0]):
+    eligible = [i for i in range(tokens.shape[1] - 1)
+                if mask[b, i] and mask[b, i + 1] and tokens[b, i] != 1]
+    assert masked[b].sum() == round(ratio * len(eligible))
+    assert set(np.flatnonzero(masked[b])) <= set(eligible)
+  assert not masked[:, -1].any() and not masked[~mask].any() and not masked[tokens == 1].any()
+  np.testing.assert_array_equal(inputs, np.where(masked, V, tokens))
+
+
+def test_meap_patterns_differ_across_sequences_and_are_uniform():
+  tokens = np.full((64, 21), 5, np.int32)  # identical rows: any difference comes from the draw
+  inputs, masked = meap.meap_mask(jax.random.key(1), tokens, None, ratio=0.2, mask_id=V,
+                                  bos_id=None)
+  masked = np.asarray(masked)
+  assert (masked.sum(1) == 4).all()  # round(0.2 * 20)
+  assert len({tuple(row) for row in masked}) > 50
+  # Every eligible position is masked with probability 4/20 (pooled over 64 rows x 50 draws).
+  counts = np.zeros(21)
+  for seed in range(50):
+    counts += np.asarray(meap.meap_mask(jax.random.key(seed), tokens, None, ratio=0.2, mask_id=V,
+                                        bos_id=None)[1]).sum(0)
+  freq = counts[:20] / (64 * 50)
+  assert counts[20] == 0 and np.abs(freq - 0.2).max() < 0.03
+
+
+def test_meap_loss_targets_are_clean_tokens(ar_model):
+  tokens = np.array(_tokens(5, (4, L)))
+  tokens[:, 0] = 1
+  batch = {"tokens": tokens}
+  key = jax.random.key(3)
+  terms = nnx.jit(lambda m, b, k: meap.meap_loss(m, b, k, ratio=0.3, mask_id=V,
+                                                  bos_id=1))(ar_model, batch, key)
+  nll_sum, count = terms.nll_sum_B.sum(), terms.num_tokens_B.sum()
+  inputs, masked = meap.meap_mask(key, tokens, None, ratio=0.3, mask_id=V, bos_id=1)
+  assert np.asarray(masked).sum() > 0
+  np.testing.assert_array_equal(terms.num_masked_B, np.asarray(masked).sum(1))
+  logp = np.asarray(jax.nn.log_softmax(_forward(ar_model, inputs), axis=-1))
+  expected = -sum(logp[b, i, tokens[b, i + 1]] for b in range(4) for i in range(L - 1))
+  assert count == 4 * (L - 1)
+  np.testing.assert_allclose(nll_sum, expected, rtol=1e-5)
+
+
+def test_meap_sft_examples():
+  prompt, response = [1, 4, 5, 6], list(range(7, 7 + 60))
+  ex = meap.sft_examples(prompt, response, mask_id=V + 100, eos_id=2, ratio=0.1,
+                         rng=random.Random(0))
+  assert len(ex) == 2
+  plain, masked = ex
+  assert plain.inputs == prompt + response + [2]
+  assert plain.labels == [meap.IGNORE] * 4 + response + [2]
+  positions = [i for i, t in enumerate(masked.inputs) if t == V + 100]
+  assert len(positions) == round(0.1 * 60) and min(positions) >= len(prompt)
+  for i, (tok, lab) in enumerate(zip(masked.inputs, masked.labels)):
+    if i in positions:
+      assert lab == (prompt + response)[i]
+    else:
+      assert lab == meap.IGNORE and tok == (prompt + response + [2])[i]
+  assert len(meap.sft_examples(prompt, response[:30], mask_id=99, eos_id=2)) == 1
+  short = meap.sft_examples(prompt, response, mask_id=99, eos_id=2, max_len=20)
+  assert all(len(e.inputs) == 20 and e.inputs[-1] == 2 for e in short)
+
+
+def test_meap_sft_loss_counts_only_labels(ar_model):
+  prompt, response = [1, 4, 5], list(np.random.default_rng(0).integers(3, V, 8))
+  ex = meap.sft_examples(prompt, response, mask_id=V, eos_id=2, ratio=0.3, min_response_len=4)
+  batch = meap.pad_examples(ex, L, pad_id=0)
+  nll, count = nnx.jit(meap.sft_loss)(ar_model, batch)
+  assert count == (len(response) + 1) + round(0.3 * len(response))
+  logits = nnx.jit(lambda m, t, k: m(t, token_mask_BxL=k))(ar_model, batch["tokens"],
+                                                           batch["token_mask"])
+  logp = np.asarray(jax.nn.log_softmax(logits))
+  expected = -sum(logp[b, i - 1, batch["labels"][b, i]] for b in range(2) for i in range(1, L)
+                  if batch["labels"][b, i] != meap.IGNORE)
+  np.testing.assert_allclose(nll, expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- MARIA
+
+
+def _masked(x0, seed, ratio=0.5):
+  return jnp.where(jax.random.uniform(jax.random.key(seed), x0.shape) < ratio, V, x0)
+
+
+def test_initial_head_is_product_of_experts(head):
+  x0 = _tokens(6)
+  xt = _masked(x0, 7)
+  logits = _forward(head, x0, xt)
+  assert logits.shape == (3, L, V)  # V real tokens: no output for the mask
+  ar_logits, mlm_logits = _forward(head.ar, x0), _forward(head.denoiser, xt)
+  poe = (ar_logits[:, :-1] + mlm_logits[:, 1:]) / 2
+  np.testing.assert_allclose(jax.nn.log_softmax(logits[:, 1:]), jax.nn.log_softmax(poe),
+                             atol=1e-5)
+  # Position 0 has no AR state: the denoiser expert alone (at half weight).
+  np.testing.assert_allclose(logits[:, 0], mlm_logits[:, 0] / 2, atol=1e-5)
+
+
+def test_alignment_ar_state_i_minus_1_with_mlm_state_i(head):
+  """Handmade: x0 = [5, 7, 9, 11, ...], xt masks positions 1 and 3. The head at i must combine
+  the AR state after reading x0[:i] (computed on the truncated sequence alone) with the denoiser
+  state at i."""
+  x0 = jnp.array([[5, 7, 9, 11, 13, 15]])
+  xt = jnp.array([[5, V, 9, V, 13, 15]])
+  w = jax.random.normal(jax.random.key(0), head.w.shape)
+  probe = hybrid.build_maria(head.denoiser, head.ar)
+  probe.w[...] = w
+  logits = _forward(probe, x0, xt)
+  d_ar = head.ar.cfg.d_model
+  h_mlm = _hidden(head.denoiser, xt)
+  for i in (1, 3, 5):
+    # The AR state after x0[:i], read from a sequence that differs from x0 from position i on.
+    prefix = x0.at[0, i:].set(30)
+    h_prefix = _hidden(head.ar, prefix)[0, i - 1]
+    expected = h_prefix @ w[:d_ar] + h_mlm[0, i] @ w[d_ar:]
+    np.testing.assert_allclose(logits[0, i], expected, atol=1e-4, rtol=1e-4)
+  # Causality of the AR part: changing x0 at j leaves positions <= j untouched.
+  logits2 = _forward(probe, x0.at[0, 3].set(20), xt)
+  np.testing.assert_allclose(logits2[0, :4], logits[0, :4], atol=1e-6)
+  assert not np.allclose(logits2[0, 4], logits[0, 4], atol=1e-4)
+
+
+def test_training_updates_w_only(head):
+  head = hybrid.build_maria(head.denoiser, head.ar)
+  backbone_before = jax.tree.map(np.array, nnx.state(head, nnx.Not(hybrid.TRAINABLE)))
+  w_before = np.array(head.w[...])
+  optimizer = nnx.Optimizer(head, optax.adamw(1e-2, weight_decay=0.1), wrt=hybrid.TRAINABLE)
+  schedule = schedules.get("loglinear")
+  batch = {"tokens": _tokens(8, (8, L))}
+
+  @nnx.jit
+  def step(head, optimizer, batch, key):
+    def loss_fn(head):
+      terms = hybrid.maria_loss(head, batch, key, schedule=schedule)
+      return terms.nll_sum_B.sum() / jnp.maximum(terms.num_tokens_B.sum(), 1)
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, hybrid.TRAINABLE))(head)
+    optimizer.update(head, grads)
+    return loss
+
+  losses = [float(step(head, optimizer, batch, jax.random.key(s % 2))) for s in range(8)]
+  assert losses[-1] < losses[0]  # the same two draws, revisited: W fits them
+  backbone_after = nnx.state(head, nnx.Not(hybrid.TRAINABLE))
+  for a, b in zip(jax.tree.leaves(backbone_before), jax.tree.leaves(backbone_after)):
+    np.testing.assert_array_equal(a, np.asarray(b))  # bit-identical
+  assert not np.array_equal(w_before, np.asarray(head.w[...]))
+  assert len(jax.tree.leaves(nnx.state(head, hybrid.TRAINABLE))) == 1
+
+
+def test_backbone_gradients_are_zero(head):
+  """Even a trainer that differentiates every parameter leaves the backbones' gradients at 0."""
+  @nnx.jit
+  def grad_all(head, tokens):
+    return nnx.grad(lambda h: hybrid.maria_loss(
+        h, {"tokens": tokens}, jax.random.key(0), schedule=schedules.get("loglinear"),
+        ratio=0.5).nll_sum_B.sum())(head)
+
+  grads = grad_all(head, _tokens(9, (2, L)))
+  for leaf in jax.tree.leaves(nnx.state(grads, nnx.Not(hybrid.TRAINABLE))):
+    assert not np.any(np.asarray(leaf))
+  assert np.any(np.asarray(grads.w[...]))
+
+
+def test_infill_keeps_given_tokens_and_fills_every_mask(head):
+  x0 = _tokens(10, (4, L))
+  xt = _masked(x0, 11, 0.6).at[1].set(x0[1]).at[2, 0].set(V)  # row 1: nothing to fill
+  for kwargs in ({"temperature": 1.0}, {"temperature": 0.8, "top_p": 0.9, "refresh_every": 2}):
+    # (temperature, top_p, refresh_every are traced: one compilation serves both)
+    out, stats = hybrid.maria_infill(jax.random.key(0), head, xt, mask_id=V, **kwargs)
+    out, xt_np = np.asarray(out), np.asarray(xt)
+    given = xt_np != V
+    np.testing.assert_array_equal(out[given], xt_np[given])
+    assert ((out >= 0) & (out < V)).all()
+    assert stats["num_filled"] == (~given).sum()
+  # Padding is never filled and never changed.
+  pad = np.ones((4, L), bool)
+  pad[:, -3:] = False
+  out, stats = hybrid.maria_infill(jax.random.key(1), head, xt, mask_id=V, token_mask_BxL=pad)
+  np.testing.assert_array_equal(np.asarray(out)[:, -3:], np.asarray(xt)[:, -3:])
+  assert stats["num_filled"] == (np.asarray(xt)[:, :-3] == V).sum()
+
+
+def _reference_infill(head, xt, refresh_every=0):
+  """Greedy MARIA infilling without any cache: recompute both models from scratch per position."""
+  x = np.array(xt)
+  h_mlm_src = np.array(xt)
+  filled = 0
+  for i in range(x.shape[1]):
+    if xt[0, i] != V:
+      continue
+    logits = _forward(head, jnp.asarray(np.where(x == V, 0, x)), jnp.asarray(h_mlm_src))
+    x[0, i] = int(jnp.argmax(logits[0, i]))
+    filled += 1
+    if refresh_every and filled % refresh_every == 0:
+      h_mlm_src = x.copy()
+  return x
+
+
+@pytest.mark.parametrize("refresh_every", [0, 2])
+def test_greedy_cached_infill_equals_uncached_reference(head, refresh_every):
+  x0 = _tokens(12, (1, L))
+  xt = np.array(_masked(x0, 13, 0.5))
+  xt[0, 0] = V  # the first position masked too: no AR state there
+  out, stats = hybrid.maria_infill(jax.random.key(0), head, jnp.asarray(xt), mask_id=V,
+                                   temperature=0.0, refresh_every=refresh_every)
+  np.testing.assert_array_equal(np.asarray(out), _reference_infill(head, xt, refresh_every))
+  n = int((xt == V).sum())
+  assert stats["denoiser_passes"] == 1 + (((n - 1) // refresh_every) if refresh_every else 0)
+
+
+def test_maria_refuses_mismatched_backbones():
+  with pytest.raises(ValueError, match="tokenizer"):
+    hybrid.build_maria(_model("denoiser", 0), _model("ar", 0, vocab_size=V + 1))
+  with pytest.raises(ValueError, match="kind"):
+    hybrid.build_maria(_model("ar", 0), _model("ar", 1))

@@ -1,0 +1,557 @@
+"""Samplers: exactness against an oracle denoiser, exact categorical draws, caching, infilling,
+confidence remasking, semi-autoregressive windows, guidance, text front end, metrics, refusals."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as sstats
+
+from mdlm import schedules
+from mdlm.models import build, presets
+from mdlm.sampling import (ancestral, categorical, confidence, decode, denoiser_from_model,
+                           guided, infill, inverse_cdf, parse_template, prompt_tokens,
+                           semi_autoregressive, time_grid, top_p_filter, unigram_entropy,
+                           window_starts)
+from mdlm.sampling import ancestral_sampler as ancestral_lib
+from mdlm.sampling import exact as categorical_lib
+from mdlm.sampling import metrics as metrics_lib
+
+LOGLINEAR = schedules.get("loglinear")
+P_MIN = 1e-3  # significance level of every statistical test (fixed seeds: deterministic)
+
+# ---- an oracle: a known joint over {0,1,2}^4 whose exact conditionals are the denoiser ----------
+
+OL, OV = 4, 3          # length, vocabulary; the mask id is OV
+STATES = np.array(list(itertools.product(range(OV), repeat=OL)), np.int32)  # [81, 4]
+
+
+def _joint(seed=0):
+  p = np.random.default_rng(seed).dirichlet(np.full(OV ** OL, 2.0))
+  return 0.9 * p + 0.1 / OV ** OL  # every cell has >= 20 expected counts at N = 20k
+
+
+def make_oracle(p):
+  """denoise(xt, t) = log p(x_i = v | unmasked tokens of xt), by enumeration of all states."""
+  logp_S = jnp.log(jnp.asarray(p, jnp.float32))
+  states_SxL = jnp.asarray(STATES)
+  onehot_SxLxV = jax.nn.one_hot(states_SxL, OV, dtype=bool)
+
+  def denoise(xt_BxL, t_B):
+    del t_B
+    consistent_BxS = jnp.all((xt_BxL[:, None] == OV) | (xt_BxL[:, None] == states_SxL[None]), -1)
+    w_BxS = jnp.where(consistent_BxS, logp_S[None], -jnp.inf)
+    joint_BxSxLxV = jnp.where(onehot_SxLxV[None], w_BxS[:, :, None, None], -jnp.inf)
+    return jax.nn.logsumexp(joint_BxSxLxV, axis=1)
+
+  return denoise
+
+
+def _cell_counts(tokens_NxL):
+  index = (np.asarray(tokens_NxL) * OV ** np.arange(OL)[::-1]).sum(1)
+  return np.bincount(index, minlength=OV ** OL)
+
+
+@pytest.fixture(scope="module")
+def oracle():
+  p = _joint()
+  return p, make_oracle(p)
+
+
+def test_ancestral_reproduces_oracle_joint_cached_and_uncached(oracle):
+  p, denoise = oracle
+  n = 20_000
+  xt = jnp.full((n, OL), OV, jnp.int32)
+  out = {}
+  for cache in (True, False):
+    tokens, st = ancestral(jax.random.key(0), denoise, xt, steps=10 * OL, schedule=LOGLINEAR,
+                           mask_id=OV, cache=cache)
+    out[cache] = np.asarray(tokens)
+    chi = sstats.chisquare(_cell_counts(tokens), p * n)
+    assert chi.pvalue > P_MIN, (cache, chi)
+  np.testing.assert_array_equal(out[True], out[False])
+  # The same test has power: sampling every position independently from its marginal (one
+  # parallel step) is rejected.
+  one_step, _ = ancestral(jax.random.key(0), denoise, xt, steps=1, schedule=LOGLINEAR, mask_id=OV)
+  assert sstats.chisquare(_cell_counts(one_step), p * n).pvalue < 1e-6
+
+
+def test_one_parallel_step_gives_product_of_marginals(oracle):
+  p, denoise = oracle
+  n = 20_000
+  marg_LxV = np.stack([[p[STATES[:, i] == v].sum() for v in range(OV)] for i in range(OL)])
+  product = np.prod(marg_LxV[np.arange(OL), STATES], axis=1)
+  tokens, _ = ancestral(jax.random.key(1), denoise, jnp.full((n, OL), OV, jnp.int32), steps=1,
+                        schedule=LOGLINEAR, mask_id=OV)
+  assert sstats.chisquare(_cell_counts(tokens), product * n).pvalue > P_MIN
+
+
+def test_oracle_infill_matches_conditional(oracle):
+  """Given x_0 = 2 and x_3 = 1, the filled pair follows p(x_1, x_2 | x_0, x_3)."""
+  p, denoise = oracle
+  n = 20_000
+  xt = jnp.broadcast_to(jnp.array([2, OV, OV, 1], jnp.int32), (n, OL))
+  tokens = np.asarray(ancestral(jax.random.key(2), denoise, xt, steps=40, schedule=LOGLINEAR,
+                                mask_id=OV, grid="cosine")[0])
+  assert np.all(tokens[:, 0] == 2) and np.all(tokens[:, 3] == 1)
+  keep = (STATES[:, 0] == 2) & (STATES[:, 3] == 1)
+  cond = p[keep] / p[keep].sum()
+  counts = np.bincount(tokens[:, 1] * OV + tokens[:, 2], minlength=OV * OV)
+  expected = np.zeros(OV * OV)
+  expected[STATES[keep, 1] * OV + STATES[keep, 2]] = cond * n
+  assert sstats.chisquare(counts, expected).pvalue > P_MIN
+
+
+def test_unmask_steps_follow_the_telescoped_schedule():
+  steps, n = 8, 200_000
+  t = time_grid(steps, "cosine")
+  r = ancestral_lib.still_masked_prob(t, LOGLINEAR)
+  k = np.asarray(ancestral_lib.unmask_steps(jax.random.key(3), jnp.ones((n, 1), bool),
+                                            jnp.asarray(r)))[:, 0]
+  assert k.min() >= 1 and k.max() <= steps + 1
+  for step in range(1, steps + 1):  # P(still masked after step k) = r_k
+    test = sstats.binomtest(int(np.sum(k > step)), n, float(r[step]))
+    assert test.pvalue > P_MIN, (step, test)
+
+
+def test_time_grids():
+  for grid in ("uniform", "cosine"):
+    t = time_grid(7, grid, t_end=1e-5)
+    assert t[0] == 1.0 and abs(t[-1] - 1e-5) < 1e-9 and np.all(np.diff(t) < 0)
+  np.testing.assert_allclose(np.diff(time_grid(4, "uniform", 1e-5)), -(1 - 1e-5) / 4, rtol=1e-5)
+  with pytest.raises(ValueError, match="grid"):
+    time_grid(4, "linear")
+
+
+# ---- exact categorical sampling ---------------------------------------------------------------------
+
+
+def _u_to_bits(u_int):
+  u_int = np.asarray(u_int, np.uint64)
+  hi, lo = u_int >> np.uint64(27), u_int & np.uint64((1 << 27) - 1)
+  return np.stack([(hi << np.uint64(6)), (lo << np.uint64(5))]).astype(np.uint32)
+
+
+def _tail_distribution(v):
+  """A head, a zero, and tails of 1e-6, 1e-9, 1e-12, spread so each 128-block mixes sizes."""
+  p = np.zeros(v)
+  tiny = np.array([1e-6, 1e-9, 1e-12])
+  p[3:] = tiny[np.arange(v - 3) % 3]
+  p[0], p[1], p[2] = 0.6, 0.0, 0.0
+  p[2] = 1.0 - p.sum()
+  p[1] = 0.0
+  return p
+
+
+@pytest.mark.parametrize("v", [7, 300])  # one-level and two-level CDF
+def test_inverse_cdf_interval_measure_is_exact_down_to_1e12(v):
+  """The set of 53-bit uniforms mapped to token k has measure p_k (found by bisection)."""
+  p = _tail_distribution(v)
+  logits = np.log(np.where(p > 0, p, 1.0)).astype(np.float32)
+  logits[p == 0] = -np.inf
+  f = jax.jit(lambda b: inverse_cdf(jnp.broadcast_to(jnp.asarray(logits), (v, v)), b))
+  # Boundary b_k = smallest u with token(u) >= k (the map is monotone in u).
+  lo = np.zeros(v, np.int64)
+  hi = np.full(v, 1 << 53, np.int64)
+  target = np.arange(v)
+  for _ in range(54):
+    mid = (lo + hi) // 2
+    tok = np.asarray(f(jnp.asarray(_u_to_bits(np.minimum(mid, (1 << 53) - 1)))))
+    ge = tok >= target
+    hi = np.where(ge, mid, hi)
+    lo = np.where(ge, lo, mid + 1)
+  bounds = np.append(hi, 1 << 53).astype(np.float64)
+  measure = np.diff(bounds) * 2.0 ** -53
+  np.testing.assert_allclose(measure, p, rtol=1e-5, atol=1e-15)
+  assert measure[1] == 0.0  # a zero-probability token is never drawn
+
+
+def test_categorical_unbiased_on_1e6_tail():
+  """Head 0.6 / 0.4 - tail, 64 tail tokens of probability 1e-6 each: binomial test on the tail."""
+  v_tail, p_tail = 64, 1e-6
+  p = np.concatenate([[0.6, 0.4 - v_tail * p_tail], np.full(v_tail, p_tail)])
+  logits = jnp.asarray(np.log(p), jnp.float32)
+  chunk, chunks = 1 << 20, 4
+  draw = jax.jit(lambda key, lg: categorical(key, jnp.broadcast_to(lg, (chunk, lg.shape[0]))))
+  counts = np.zeros(len(p), np.int64)
+  for i in range(chunks):
+    counts += np.bincount(np.asarray(draw(jax.random.key(i), logits)), minlength=len(p))
+  n = chunk * chunks
+  tail = int(counts[2:].sum())
+  assert sstats.binomtest(tail, n, v_tail * p_tail).pvalue > P_MIN, (tail, n * v_tail * p_tail)
+  assert sstats.binomtest(int(counts[0]), n, 0.6).pvalue > P_MIN
+  assert sstats.chisquare(counts[2:]).pvalue > P_MIN  # tail tokens equally likely
+
+
+@pytest.mark.slow
+def test_float32_gumbel_fails_the_tail_test_that_exact_sampling_passes():
+  """Power check of the tail test: jax.random.categorical (float32 Gumbel) under-draws 1e-7."""
+  v_tail, p_tail = 64, 1e-7
+  p = np.concatenate([[0.6, 0.4 - v_tail * p_tail], np.full(v_tail, p_tail)])
+  logits = jnp.asarray(np.log(p), jnp.float32)
+  chunk, chunks = 1 << 21, 8
+  n = chunk * chunks
+  exact = jax.jit(lambda k, lg: categorical(k, jnp.broadcast_to(lg, (chunk, lg.shape[0]))))
+  gumbel = jax.jit(lambda k, lg: jax.random.categorical(k, lg, shape=(chunk,)))
+  tails = {}
+  for name, fn in (("exact", exact), ("gumbel", gumbel)):
+    tails[name] = sum(int(np.sum(np.asarray(fn(jax.random.key(i), logits)) >= 2))
+                      for i in range(chunks))
+  assert sstats.binomtest(tails["exact"], n, v_tail * p_tail).pvalue > P_MIN
+  assert sstats.binomtest(tails["gumbel"], n, v_tail * p_tail).pvalue < 1e-4, tails
+
+
+def test_top_p_and_temperature():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  kept = np.isfinite(np.asarray(top_p_filter(logits, 0.8)))[0]
+  assert kept.tolist() == [True, True, False, False]
+  assert np.isfinite(np.asarray(top_p_filter(logits, 0.81)))[0].tolist() == [True, True, True,
+                                                                             False]
+  assert np.isfinite(np.asarray(top_p_filter(logits, 0.1)))[0].tolist() == [True, False, False,
+                                                                            False]
+  n = 1 << 16
+  bits = categorical_lib.uniform_bits(jax.random.key(5), (n,))
+  lp = jnp.broadcast_to(jax.nn.log_softmax(logits), (n, 4))
+  hot = np.bincount(np.asarray(categorical_lib.draw(lp, bits, temperature=0.5, top_p=1.0)),
+                    minlength=4)
+  expect = np.array([0.5, 0.3, 0.15, 0.05]) ** 2
+  assert sstats.chisquare(hot, expect / expect.sum() * n).pvalue > P_MIN
+  nucleus = np.bincount(np.asarray(categorical_lib.draw(lp, bits, temperature=1.0, top_p=0.8)),
+                        minlength=4)
+  assert sstats.chisquare(nucleus[:2], np.array([5, 3]) / 8 * n).pvalue > P_MIN
+  assert nucleus[2:].sum() == 0
+  greedy = categorical_lib.draw(lp, bits, temperature=0.0, top_p=1.0)
+  assert np.all(np.asarray(greedy) == 0)
+
+
+# ---- denoisers for the behavioural tests ----------------------------------------------------------
+
+V, L = 41, 24
+
+
+class Toy:
+  """A cheap denoiser that depends on the whole input: logits_i = sum_j A_ij E[xt_j]."""
+
+  def __init__(self, vocab=V, length=L, seed=0):
+    rng = np.random.default_rng(seed)
+    self.a = jnp.asarray(rng.normal(size=(length, length)) * 0.5, jnp.float32)
+    self.e = jnp.asarray(rng.normal(size=(vocab + 1, vocab)) * 2.0, jnp.float32)
+    self.mask_id, self.max_length = vocab, length
+
+  def __call__(self, xt_BxL, t_B):
+    n = xt_BxL.shape[1]
+    return jnp.einsum("ij,bjv->biv", self.a[:n, :n], self.e[xt_BxL])
+
+
+@pytest.fixture(scope="module")
+def toy():
+  return Toy()
+
+
+@pytest.fixture(scope="module")
+def model():
+  return build(presets.get("tiny", vocab_size=V, max_seq_len=L, d_model=32, num_heads=2), seed=0)
+
+
+def test_model_cached_equals_uncached_and_nfe_bound(model):
+  denoise = denoiser_from_model(model)
+  assert not denoise.time_conditioned and denoise.max_length == L
+  xt = jnp.full((1, L), model.mask_id, jnp.int32)
+  a, sa = ancestral(jax.random.key(7), denoise, xt, steps=10 * L, schedule=LOGLINEAR,
+                    mask_id=model.mask_id, cache=True)
+  b, sb = ancestral(jax.random.key(7), denoise, xt, steps=10 * L, schedule=LOGLINEAR,
+                    mask_id=model.mask_id, cache=False)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(sa["nfe"]) <= L + 1 and int(sb["nfe"]) == 10 * L + 1
+  assert np.all(np.asarray(a) < V)
+
+
+def test_cache_is_exact_for_time_conditioned_denoisers():
+  cfg = presets.get("tiny", vocab_size=V, max_seq_len=L, d_model=32, num_heads=2,
+                    time_conditioning=True, cond_dim=16)
+  model = build(cfg, seed=1)
+  # adaLN-zero starts as the identity: perturb its weights so the output really depends on t.
+  for block in model.blocks:
+    block.ada.w[...] = 0.2 * jax.random.normal(jax.random.key(0), block.ada.w.shape)
+  denoise = denoiser_from_model(model, LOGLINEAR)
+  x = jnp.full((2, L), model.mask_id, jnp.int32)
+  t = jnp.array([0.3, 0.9])
+  np.testing.assert_allclose(np.asarray(denoise(x, t)),
+                             np.asarray(model(x, LOGLINEAR.mask_prob(t))), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(np.asarray(denoise(x, jnp.array([0.3, 0.3]))),
+                         np.asarray(denoise(x, jnp.array([0.9, 0.9]))))
+  xt = jnp.full((3, L), model.mask_id, jnp.int32).at[:, :4].set(5)
+  a, sa = ancestral(jax.random.key(8), denoise, xt, steps=3 * L, schedule=LOGLINEAR,
+                    mask_id=model.mask_id, cache=True)
+  b, _ = ancestral(jax.random.key(8), denoise, xt, steps=3 * L, schedule=LOGLINEAR,
+                   mask_id=model.mask_id, cache=False)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(sa["nfe"]) <= L - 4 + 1
+
+
+def test_cached_equals_uncached_with_batch_temperature_top_p(toy):
+  xt = jnp.full((4, L), toy.mask_id, jnp.int32).at[1, 3:9].set(2)
+  kw = dict(steps=3 * L, schedule=schedules.get("cosine"), mask_id=toy.mask_id, temperature=0.8,
+            top_p=0.9, grid="cosine")
+  a, sa = ancestral(jax.random.key(17), toy, xt, cache=True, **kw)
+  b, _ = ancestral(jax.random.key(17), toy, xt, cache=False, **kw)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(sa["nfe"]) <= L + 1  # rows advance independently: the bound holds for any batch
+
+
+def test_slab_size_does_not_change_samples(toy):
+  """Filling a step's positions in slabs of 1 or all at once gives the same tokens."""
+  xt = jnp.full((2, L), toy.mask_id, jnp.int32)
+  t_grid = time_grid(2)
+  r = ancestral_lib.still_masked_prob(t_grid, LOGLINEAR)
+  out = []
+  for budget in (1, L):
+    spec = ancestral_lib.Spec(steps=2, mask_id=toy.mask_id, cache=True, temperature=1.0,
+                              top_p=0.9, budget=budget)
+    tokens, _ = ancestral_lib._ancestral_jit(toy, jax.random.key(9), xt, jnp.asarray(t_grid),
+                                             jnp.asarray(r), spec=spec)
+    out.append(np.asarray(tokens))
+  np.testing.assert_array_equal(out[0], out[1])
+
+
+def _scattered_xt(mask_id, seed=0, batch=3):
+  rng = np.random.default_rng(seed)
+  given = rng.integers(0, V, (batch, L))
+  hole = rng.random((batch, L)) < 0.5
+  hole[0, :8] = True        # a prefix hole
+  hole[1, -6:] = True       # a suffix to write
+  hole[2, 5:15] = True      # a span
+  return jnp.asarray(np.where(hole, mask_id, given), jnp.int32), given, hole
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "confidence"])
+def test_infilling_keeps_given_tokens_and_fills_every_mask(toy, sampler):
+  xt, given, hole = _scattered_xt(toy.mask_id)
+  if sampler == "ancestral":
+    # Two steps leave masks to the final noise-removal pass too.
+    tokens, _ = ancestral(jax.random.key(10), toy, xt, steps=2, schedule=LOGLINEAR,
+                          mask_id=toy.mask_id, top_p=0.9)
+  else:
+    tokens, _ = confidence(jax.random.key(10), toy, xt, steps=5, mask_id=toy.mask_id,
+                           block_length=4, temperature=0.7)
+  tokens = np.asarray(tokens)
+  np.testing.assert_array_equal(tokens[~hole], given[~hole])
+  assert np.all(tokens < V)
+
+
+# ---- confidence remasking -----------------------------------------------------------------------------
+
+
+def _llada_counts(m, s):
+  """LLaDA's linear schedule: floor(m/s) per step, the remainder to the first steps."""
+  return [m // s + (i < m % s) for i in range(s)]
+
+
+def test_confidence_commits_the_scheduled_most_confident(toy):
+  xt, _, hole = _scattered_xt(toy.mask_id, seed=1)
+  steps = 5
+  tokens, st = confidence(jax.random.key(11), toy, xt, steps=steps, mask_id=toy.mask_id)
+  commits, fill = np.asarray(st["commits"]), np.asarray(st["fill_step"])
+  for b in range(xt.shape[0]):
+    assert commits[:, b].tolist() == _llada_counts(int(hole[b].sum()), steps)
+  assert int(st["nfe"]) == steps
+  # Replay: at each step the committed positions are the argmax predictions with the highest
+  # probabilities among the still-masked ones.
+  x = np.asarray(xt)
+  for i in range(1, steps + 1):
+    logp = np.asarray(jax.nn.log_softmax(toy(jnp.asarray(x), None), axis=-1))
+    for b in range(x.shape[0]):
+      masked = np.flatnonzero(x[b] == toy.mask_id)
+      chosen = np.flatnonzero(fill[b] == i)
+      conf = logp[b, masked].max(-1)
+      assert set(chosen) == set(masked[np.argsort(-conf, kind="stable")[:len(chosen)]])
+      x[b, chosen] = logp[b, chosen].argmax(-1)
+  np.testing.assert_array_equal(x, np.asarray(tokens))
+
+
+def test_confidence_blocks_fill_in_order(toy):
+  xt = jnp.full((2, L), toy.mask_id, jnp.int32).at[:, :3].set(1)  # prompt of 3, 21 to fill
+  block, steps = 6, 8                                             # 4 blocks (6, 6, 6, 3)
+  tokens, st = confidence(jax.random.key(12), toy, xt, steps=steps, mask_id=toy.mask_id,
+                          block_length=block, remasking="random")
+  fill = np.asarray(st["fill_step"])[:, 3:]
+  commits = np.asarray(st["commits"])
+  for b in range(2):
+    blocks = [fill[b, i:i + block] for i in range(0, 21, block)]
+    for earlier, later in zip(blocks, blocks[1:]):
+      assert earlier.max() < later.min()
+    assert commits[:, b].tolist() == sum((_llada_counts(len(bl), 2) for bl in blocks), [])
+  assert np.all(np.asarray(tokens)[:, :3] == 1) and np.all(fill > 0)
+
+
+def test_confidence_threshold_rule(toy):
+  xt = jnp.full((1, L), toy.mask_id, jnp.int32)
+  # tau ~ 0 commits everything in the first step of each block: 2 blocks -> 2 denoiser calls.
+  _, st = confidence(jax.random.key(13), toy, xt, steps=L, mask_id=toy.mask_id,
+                     block_length=L // 2, threshold=1e-30)
+  assert int(st["nfe"]) == 2
+  assert np.asarray(st["commits"])[0, 0] == L // 2
+  # tau = 1 (nothing is that sure) falls back to at least one per step: Fast-dLLM's floor.
+  _, st = confidence(jax.random.key(13), toy, xt, steps=L, mask_id=toy.mask_id, threshold=1.0)
+  assert np.asarray(st["commits"])[:, 0].tolist() == [1] * L
+  # In between: every step commits all predictions above tau, and at least one.
+  xt2 = jnp.full((1, L), toy.mask_id, jnp.int32)
+  _, st = confidence(jax.random.key(13), toy, xt2, steps=L, mask_id=toy.mask_id, threshold=0.5)
+  commits = np.asarray(st["commits"])[:, 0]
+  assert commits.sum() == L and int(st["nfe"]) == np.count_nonzero(commits)
+
+
+# ---- semi-autoregressive, guidance ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inner", ["ancestral", "confidence"])
+def test_semi_autoregressive_windows(toy, inner):
+  length, window, stride = 61, L, 8
+  xt = jnp.full((2, length), toy.mask_id, jnp.int32).at[:, :4].set(3)
+  settings = (dict(steps=2 * window, schedule=LOGLINEAR) if inner == "ancestral"
+              else dict(steps=window // 2, block_length=4))
+  tokens, st = semi_autoregressive(jax.random.key(14), toy, xt, window=window, stride=stride,
+                                   sampler=inner, mask_id=toy.mask_id, **settings)
+  tokens, windows = np.asarray(tokens), np.asarray(st["windows"])
+  starts = st["window_starts"]
+  assert tokens.shape == (2, length) and np.all(tokens < V) and np.all(tokens[:, :4] == 3)
+  assert starts == window_starts(length, window, stride) and starts[-1] == length - window
+  for w in range(1, len(starts)):
+    overlap = starts[w - 1] + window - starts[w]
+    assert overlap >= window - stride
+    np.testing.assert_array_equal(windows[w][:, :overlap], windows[w - 1][:, -overlap:])
+  for w, s in enumerate(starts):
+    np.testing.assert_array_equal(tokens[:, s:s + window], windows[w])
+
+
+def test_guidance_w0_equals_conditional_and_formula(oracle, toy):
+  _, odenoise = oracle
+  xt = jnp.broadcast_to(jnp.array([1, OV, OV, OV], jnp.int32), (500, OL))
+  prompt = jnp.array([True, False, False, False])
+  a, _ = ancestral(jax.random.key(15), guided(odenoise, prompt, 0.0, mask_id=OV), xt, steps=8,
+                   schedule=LOGLINEAR, mask_id=OV)
+  b, _ = ancestral(jax.random.key(15), odenoise, xt, steps=8, schedule=LOGLINEAR, mask_id=OV)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  x = jnp.full((2, L), toy.mask_id, jnp.int32).at[:, :5].set(jnp.arange(5))
+  pm = jnp.arange(L) < 5
+  t = jnp.array([0.5, 0.5])
+  want = 2.5 * toy(x, t) - 1.5 * toy(jnp.where(pm, toy.mask_id, x), t)
+  got = guided(toy, pm, 1.5)
+  assert got.mask_id == toy.mask_id and got.max_length == L
+  np.testing.assert_allclose(np.asarray(got(x, t)), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
+# ---- text front end -----------------------------------------------------------------------------------
+
+
+class _Bytes:
+  """A stand-in tokenizer: UTF-8 bytes, BOS/EOS/PAD = 256/257/258."""
+
+  vocab_size, bos_id, eos_id, pad_id = 259, 256, 257, 258
+
+  def encode(self, text):
+    return list(text.encode())
+
+  def decode(self, ids):
+    return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+
+def test_parse_template_and_prompt():
+  tok = _Bytes()
+  t = parse_template("The [MASK*5] of Denmark", tok, mask_id=259)
+  assert t.tokens.tolist() == [256] + list(b"The ") + [259] * 5 + list(b" of Denmark")
+  assert t.spans == [(5, 10)] and t.fill_mask.sum() == 5
+  t = parse_template("[MASK]a[MASK*2]", tok, mask_id=259, add_bos=False, length=6)
+  assert t.tokens.tolist() == [259, 97, 259, 259, 259, 259] and t.spans == [(0, 1), (2, 4), (4, 6)]
+  assert prompt_tokens(tok, "ab", 5, 259).tolist() == [256, 97, 98, 259, 259]
+  assert decode(tok, [256, 104, 105, 257, 256, 111, 259]) == "hi\no"
+
+
+def test_infill_text_front_end():
+  tok = _Bytes()
+  denoise = Toy(vocab=tok.vocab_size, length=32, seed=2)
+  out, st = infill(jax.random.key(16), denoise, tok, "The [MASK*5] of Denmark",
+                   mask_id=denoise.mask_id, num_samples=2, steps=20, schedule=LOGLINEAR)
+  assert len(out) == 2
+  for sample in out:
+    row = sample["tokens"]
+    assert row[:5] == [256] + list(b"The ") and row[10:] == list(b" of Denmark")
+    assert all(t < tok.vocab_size for t in row)
+    assert len(sample["fills"]) == 1 and sample["fills"][0] == tok.decode(row[5:10])
+  assert int(st["nfe"]) >= 1
+
+
+def test_bad_settings_are_refused(toy, model):
+  xt = jnp.full((1, L), toy.mask_id, jnp.int32)
+  kw = dict(schedule=LOGLINEAR, mask_id=toy.mask_id)
+  with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+    ancestral(jax.random.key(0), toy, xt, steps=0, **kw)
+  with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+    confidence(jax.random.key(0), toy, xt, steps=0, mask_id=toy.mask_id)
+  with pytest.raises(ValueError, match="no mask marker"):
+    parse_template("The King of Denmark", _Bytes(), mask_id=259)
+  with pytest.raises(ValueError, match="exceeds the model's maximum sequence length"):
+    ancestral(jax.random.key(0), denoiser_from_model(model), jnp.full((1, L + 1), model.mask_id),
+              steps=4, **kw)
+  with pytest.raises(ValueError, match="longer than length"):
+    prompt_tokens(_Bytes(), "a long prompt", 4, 259)
+  with pytest.raises(ValueError, match="longer than length"):
+    parse_template("a long [MASK] template", _Bytes(), mask_id=259, length=4)
+  with pytest.raises(ValueError, match="mask_id"):
+    ancestral(jax.random.key(0), toy, xt, steps=4, schedule=LOGLINEAR, mask_id=3)
+  with pytest.raises(ValueError, match="stride"):
+    semi_autoregressive(jax.random.key(0), toy, xt, window=8, stride=9, **kw, steps=4)
+  with pytest.raises(ValueError, match="window"):
+    semi_autoregressive(jax.random.key(0), toy, xt, window=L + 1, stride=4, steps=4, **kw)
+  with pytest.raises(ValueError, match="top_p"):
+    ancestral(jax.random.key(0), toy, xt, steps=4, top_p=0.0, **kw)
+  with pytest.raises(ValueError, match="temperature"):
+    ancestral(jax.random.key(0), toy, xt, steps=4, temperature=-1.0, **kw)
+  with pytest.raises(ValueError, match="threshold"):
+    confidence(jax.random.key(0), toy, xt, steps=4, mask_id=toy.mask_id, threshold=1.5)
+  with pytest.raises(ValueError, match="blocks"):
+    confidence(jax.random.key(0), toy, xt, steps=2, mask_id=toy.mask_id, block_length=4)
+  with pytest.raises(ValueError, match="ids outside"):
+    ancestral(jax.random.key(0), toy, xt.at[0, 0].set(V + 5), steps=4, **kw)
+  with pytest.raises(ValueError, match="shape"):
+    ancestral(jax.random.key(0), toy, xt[0], steps=4, **kw)
+  ar = build(presets.get("tiny", kind="ar", vocab_size=V, max_seq_len=L))
+  with pytest.raises(ValueError, match="denoiser"):
+    denoiser_from_model(ar)
+  tc = build(presets.get("tiny", vocab_size=V, max_seq_len=L, time_conditioning=True))
+  with pytest.raises(ValueError, match="schedule"):
+    denoiser_from_model(tc)
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+
+
+def test_unigram_entropy():
+  tokens = np.array([[0, 1, 2, 3], [5, 5, 5, 5], [1, 1, 2, 9]])
+  out = unigram_entropy(tokens, ignore=[9])
+  expected = [math.log(4), 0.0, -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))]
+  np.testing.assert_allclose(out["per_sample"], expected, rtol=1e-12)
+  np.testing.assert_allclose(out["mean"], np.mean(expected), rtol=1e-12)
+
+
+def test_generative_perplexity_matches_direct_computation():
+  ar = build(presets.get("tiny", kind="ar", vocab_size=V, max_seq_len=8, d_model=32,
+                         num_heads=2), seed=3)
+  rng = np.random.default_rng(0)
+  seqs = [rng.integers(0, V, n).tolist() for n in (8, 5, 13)]  # 13 > 8: scored in two chunks
+  got = metrics_lib.generative_perplexity(ar, seqs, pad_id=0, batch_size=2)
+  total, count = 0.0, 0
+  for s in seqs:
+    for start in range(0, len(s), 8):
+      piece = np.asarray(s[start:start + 8])
+      if len(piece) < 2:
+        continue
+      logp = jax.nn.log_softmax(ar(jnp.asarray(piece)[None])[0], axis=-1)
+      total -= float(np.sum(np.asarray(logp)[np.arange(len(piece) - 1), piece[1:]]))
+      count += len(piece) - 1
+  assert got["num_tokens"] == count
+  np.testing.assert_allclose(got["nll"], total / count, rtol=1e-5)
+  np.testing.assert_allclose(got["gen_ppl"], math.exp(total / count), rtol=1e-5)

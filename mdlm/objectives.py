@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from mdlm import diffusion
+from mdlm import meap
+from mdlm.models import hybrid
 from mdlm.schedules import Schedule
 
 
@@ -36,21 +38,31 @@ def _attention_mask(batch, ctx):
 
 
 def diffusion_objective(model, batch, key, ctx: Context, dropout_key=None) -> diffusion.LossTerms:
-  """Masked-diffusion NELBO terms. Uses batch["t"] when given (times drawn over the global batch
-  by the trainer), otherwise draws antithetic times for this batch."""
+  """Masked-diffusion NELBO terms.
+
+  Uses batch["t"] and batch["xt"] when given (the trainer draws them over the whole global batch,
+  so micro-batching does not change the sample); otherwise draws them here."""
   x0, token_mask = batch["tokens"], batch["token_mask"]
-  t_B = batch.get("t")
-  if t_B is None:
-    t_B = diffusion.sample_times(jax.random.fold_in(key, 0), x0.shape[0], t_min=ctx.t_min,
-                                 antithetic=ctx.antithetic)
-    if ctx.num_steps is not None:
-      t_B = diffusion.discretize_times(t_B, ctx.num_steps)
-  xt = diffusion.corrupt(jax.random.fold_in(key, 1), x0, t_B, ctx.schedule, ctx.mask_id, token_mask)
+  if "t" not in batch:
+    batch = dict(batch, **corrupt_batch(batch, key, ctx))
+  t_B, xt = batch["t"], batch["xt"]
   noise = ctx.schedule.mask_prob(t_B) if model.cfg.time_conditioning else None
   logits = model(xt, noise, token_mask_BxL=_attention_mask(batch, ctx), dropout_key=dropout_key)
   per_token = diffusion.nelbo(logits, x0, xt, t_B, ctx.schedule, ctx.mask_id, token_mask,
                               num_steps=ctx.num_steps, t_min=ctx.t_min)
   return diffusion.loss_terms(per_token, token_mask, (xt == ctx.mask_id) & token_mask)
+
+
+def corrupt_batch(batch, key, ctx: Context) -> dict:
+  """Antithetic times over the batch and the forward process: {"t": [B], "xt": [B, L]}."""
+  x0 = batch["tokens"]
+  t_B = diffusion.sample_times(jax.random.fold_in(key, 0), x0.shape[0], t_min=ctx.t_min,
+                               antithetic=ctx.antithetic)
+  if ctx.num_steps is not None:
+    t_B = diffusion.discretize_times(t_B, ctx.num_steps)
+  xt = diffusion.corrupt(jax.random.fold_in(key, 1), x0, t_B, ctx.schedule, ctx.mask_id,
+                         batch["token_mask"])
+  return {"t": t_B, "xt": xt}
 
 
 def ar_objective(model, batch, key, ctx: Context, dropout_key=None) -> diffusion.LossTerms:
@@ -64,16 +76,35 @@ def ar_objective(model, batch, key, ctx: Context, dropout_key=None) -> diffusion
                              counted.sum(-1).astype(jnp.float32))
 
 
+def meap_objective(model, batch, key, ctx: Context, dropout_key=None) -> diffusion.LossTerms:
+  """MEAP (mdlm.meap): next-token NLL of the clean tokens from inputs with ctx.meap_ratio of the
+  eligible positions masked (a fresh exact-count pattern per sequence)."""
+  return meap.meap_loss(model, batch, key, ratio=ctx.meap_ratio, mask_id=ctx.mask_id,
+                        bos_id=ctx.bos_id if ctx.bos_id >= 0 else None,
+                        attention_mask_BxL=_attention_mask(batch, ctx), dropout_key=dropout_key)
+
+
+def maria_objective(head, batch, key, ctx: Context, dropout_key=None) -> diffusion.LossTerms:
+  """MARIA head (mdlm.models.hybrid): cross-entropy at masked positions; num_tokens_B counts the
+  masked tokens, so evaluation reports nats per masked token. The backbones run without dropout."""
+  del dropout_key
+  return hybrid.maria_loss(head, batch, key, schedule=ctx.schedule, t_min=ctx.t_min,
+                           antithetic=ctx.antithetic)
+
+
 Objective = Callable[..., diffusion.LossTerms]
 
 OBJECTIVES: dict[str, Objective] = {
     "diffusion": diffusion_objective,
     "ar": ar_objective,
+    "meap": meap_objective,
+    "maria": maria_objective,
 }
 
 # The objective used to *evaluate* a model trained with a given objective (MEAP models are
 # ordinary AR models at inference).
-EVAL_OBJECTIVE: dict[str, str] = {"diffusion": "diffusion", "ar": "ar", "meap": "ar"}
+EVAL_OBJECTIVE: dict[str, str] = {"diffusion": "diffusion", "ar": "ar", "meap": "ar",
+                                  "maria": "maria"}
 
 
 def get(name: str) -> Objective:

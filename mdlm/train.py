@@ -75,6 +75,7 @@ class ModelSpec:
   template: Any          # nnx.State of abstract parameters (copied before each merge)
   param_shardings: Any   # pure dict of NamedSharding
   cfg: Any
+  initial_params: Any = None  # pure dict of loaded parameters (MARIA); None: fresh init from seed
 
   def merge(self, params):
     state = jax.tree.map(lambda x: x, self.template)
@@ -90,16 +91,31 @@ def model_spec(model_cfg, mesh, rules) -> ModelSpec:
   return ModelSpec(graphdef, state, sharding.tree_shardings(logical, rules, mesh, shapes), model_cfg)
 
 
+def maria_spec(head, model_cfg, mesh, rules, seq_len: int) -> ModelSpec:
+  """objective=maria: the head's graph and shardings; its parameters are the loaded backbones and
+  W (only W trains: see hybrid.freeze_backbones)."""
+  if seq_len > head.max_seq_len:
+    raise ValueError(f"data.seq_len={seq_len} exceeds the MARIA backbones' max_seq_len="
+                     f"{head.max_seq_len}; use the data settings of the backbone runs.")
+  graphdef, state = nnx.split(head)
+  params = nnx.to_pure_dict(state)
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  return ModelSpec(graphdef, template, sharding.tree_shardings(logical, rules, mesh, params),
+                   model_cfg.replace(dropout=0.0), initial_params=params)
+
+
 def init_state(spec: ModelSpec, tx, seed: int, mesh):
   """Initial train state, created directly with its shardings (no host-side full copy)."""
 
-  def init():
-    params = nnx.to_pure_dict(nnx.state(models.build(spec.cfg, seed=seed)))
+  def init(loaded):
+    params = (loaded if loaded is not None
+              else nnx.to_pure_dict(nnx.state(models.build(spec.cfg, seed=seed))))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "ema": params, "rng": jax.random.key_data(jax.random.key(seed))}
 
   shardings = state_shardings(spec, tx, mesh)
-  return jax.jit(init, out_shardings=shardings)(), shardings
+  return jax.jit(init, out_shardings=shardings)(spec.initial_params), shardings
 
 
 def state_shardings(spec: ModelSpec, tx, mesh):
@@ -107,8 +123,11 @@ def state_shardings(spec: ModelSpec, tx, mesh):
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                  nnx.to_pure_dict(spec.template))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, spec.param_shardings,
-                                 transform_non_params=lambda _: repl)
+  # MaskedNode: a parameter a masked / partitioned transformation holds no state for (MARIA).
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  opt_sh = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, abstract_opt,
+                                 spec.param_shardings, transform_non_params=lambda _: repl,
+                                 is_leaf=masked)
   return {"step": repl, "params": spec.param_shardings, "opt_state": opt_sh,
           "ema": spec.param_shardings, "rng": repl}
 
@@ -126,12 +145,8 @@ def make_train_step(spec: ModelSpec, tx, ctx: objectives.Context, objective: str
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     batch = dict(batch)
     batch_size = batch["tokens"].shape[0]
-    if objective == "diffusion":  # antithetic times over the *global* batch
-      t_B = diffusion.sample_times(jax.random.fold_in(key, 0), batch_size, t_min=ctx.t_min,
-                                   antithetic=ctx.antithetic)
-      if ctx.num_steps is not None:
-        t_B = diffusion.discretize_times(t_B, ctx.num_steps)
-      batch["t"] = t_B
+    if objective == "diffusion":  # times and masks drawn over the *global* batch
+      batch.update(objectives.corrupt_batch(batch, jax.random.fold_in(key, 0), ctx))
     # Normalise by the real tokens of the whole global batch, so accumulated micro-batch
     # gradients sum to exactly the full-batch gradient.
     total_tokens = jnp.maximum(
@@ -160,7 +175,9 @@ def make_train_step(spec: ModelSpec, tx, ctx: objectives.Context, objective: str
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     if ema_decay > 0:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
+      # e + (1 - d)(p - e): a parameter that did not move (MARIA's frozen backbones) stays
+      # bit-identical, which d e + (1 - d) p does not guarantee.
+      ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state["ema"], params)
     else:
       ema = params
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema,
@@ -339,6 +356,17 @@ def run(cfg: Config, run_dir: Optional[str] = None) -> str:
     _check_resume_config(cfg, run_dir)
 
   # --- data and model configuration: everything is checked before anything compiles.
+  if cfg.data.meap_sft:
+    raise ValueError(
+        "data.meap_sft=true: the data pipeline does not build MEAP-SFT examples yet "
+        "(mdlm.meap.sft_examples makes them from (prompt, response) token lists; the batches need "
+        "per-position labels). Set data.meap_sft=false.")
+  maria_head = None
+  if objective == "maria":  # a trained head over two existing runs (mdlm.models.hybrid)
+    from mdlm.models import hybrid
+    maria_head, run_tokenizer = hybrid.load_maria(tc.maria_denoiser_run, tc.maria_ar_run)
+    if is_main and not os.path.isdir(os.path.join(run_dir, "tokenizer")):
+      run_tokenizer.save(os.path.join(run_dir, "tokenizer"))
   tokenizer, cache_dir = setup_data(cfg, run_dir)
   model_cfg = resolve_model_config(cfg, tokenizer)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -369,6 +397,9 @@ def run(cfg: Config, run_dir: Optional[str] = None) -> str:
       antithetic=cfg.noise.antithetic, meap_ratio=tc.meap_ratio)
   tx = make_optimizer(cfg.optim, tc.steps)
   spec = model_spec(model_cfg, mesh, rules)
+  if maria_head is not None:
+    tx = hybrid.freeze_backbones(tx, nnx.to_pure_dict(nnx.state(maria_head)))
+    spec = maria_spec(maria_head, model_cfg, mesh, rules, cfg.data.seq_len)
 
   with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else _null():
     state, shardings = init_state(spec, tx, tc.seed, mesh)

@@ -4,3 +4,27 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """A tiny denoiser trained for a few seconds, shared by the tests that need a checkpoint."""
+  from mdlm import train
+  from tests.helpers import tiny_config
+  run_dir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+  train.run(tiny_config(steps=30, eval_every=30, checkpoint_every=30), run_dir)
+  return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_ar_run(tmp_path_factory):
+  """A tiny AR model trained for a few seconds on the same data and tokenizer as `tiny_run`."""
+  from mdlm import train
+  from tests.helpers import tiny_config
+  run_dir = str(tmp_path_factory.mktemp("tiny_ar_run") / "run")
+  cfg = tiny_config(steps=30, eval_every=30, checkpoint_every=30)
+  cfg.model = cfg.model.replace(kind="ar")
+  train.run(cfg, run_dir)
+  return run_dir

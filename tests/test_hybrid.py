@@ -282,6 +282,34 @@ def test_training_updates_w_only(head):
   assert len(jax.tree.leaves(nnx.state(head, hybrid.TRAINABLE))) == 1
 
 
+def test_trainer_step_updates_w_only(head):
+  """The trainer's own step (mdlm.train) with objective=maria, EMA on and weight decay on: after
+  a few steps the backbones are bit-identical in both the parameters and their EMA."""
+  from mdlm import config as config_lib, objectives, sharding, train
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  rules = sharding.rules_dict(config_lib.MeshConfig().rules)
+  spec = train.maria_spec(head, head.ar.cfg, mesh, rules, L)
+  optim = config_lib.OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1, ema=0.9)
+  tx = hybrid.freeze_backbones(train.make_optimizer(optim, 10), spec.initial_params)
+  ctx = objectives.Context(schedule=schedules.get("loglinear"), mask_id=V)
+  state, shardings = train.init_state(spec, tx, 0, mesh)
+  step = train.make_train_step(spec, tx, ctx, "maria", optim.ema, 1, shardings, mesh)
+  batch = {"tokens": np.asarray(_tokens(14, (4, L)), np.int32),
+           "token_mask": np.ones((4, L), bool)}
+  for _ in range(3):
+    state, metrics = step(state, sharding.global_batch(batch, mesh))
+  assert np.isfinite(float(metrics["loss"])) and int(state["step"]) == 3
+  before = spec.initial_params
+  for which in ("params", "ema"):
+    for part in ("ar", "denoiser"):
+      for a, b in zip(jax.tree.leaves(before[part]), jax.tree.leaves(state[which][part])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(before["w"]), np.asarray(state[which]["w"]))
+  # Adam moments exist for W alone.
+  moments = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) >= 1]
+  assert moments and all(np.shape(x) == before["w"].shape for x in moments)
+
+
 def test_backbone_gradients_are_zero(head):
   """Even a trainer that differentiates every parameter leaves the backbones' gradients at 0."""
   @nnx.jit
@@ -348,3 +376,56 @@ def test_maria_refuses_mismatched_backbones():
     hybrid.build_maria(_model("denoiser", 0), _model("ar", 0, vocab_size=V + 1))
   with pytest.raises(ValueError, match="kind"):
     hybrid.build_maria(_model("ar", 0), _model("ar", 1))
+
+
+@pytest.mark.slow
+def test_train_cli_maria_from_two_runs(tmp_path):
+  """End to end: train a tiny denoiser and a tiny AR model, then `objective=maria` over them;
+  the MARIA run's checkpoint holds the source backbones bit for bit and a trained W."""
+  from mdlm import train
+  from tests.helpers import read_metrics, tiny_config
+  den, arm, maria = (str(tmp_path / n) for n in ("den", "ar", "maria"))
+  train.run(tiny_config(steps=2, eval_every=2), den)
+  cfg = tiny_config(steps=2, eval_every=2)
+  cfg.model = cfg.model.replace(kind="ar")
+  train.run(cfg, arm)
+  cfg = tiny_config(steps=6, eval_every=6, objective="maria", maria_denoiser_run=den,
+                    maria_ar_run=arm)
+  cfg.optim.ema = 0.9
+  train.run(cfg, maria)
+  evals = [m for m in read_metrics(maria) if "val/nll" in m]
+  assert evals and np.isfinite(evals[-1]["val/nll"])
+  source, _ = hybrid.load_maria(den, arm)
+  for use_ema in (False, True):
+    trained, tokenizer, _ = hybrid.load_maria_run(maria, ema=use_ema)
+    a = jax.tree.leaves(nnx.state(trained, nnx.Not(hybrid.TRAINABLE)))
+    b = jax.tree.leaves(nnx.state(source, nnx.Not(hybrid.TRAINABLE)))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not np.array_equal(np.asarray(trained.w[...]), np.asarray(source.w[...]))
+
+
+@pytest.mark.slow
+def test_train_meap_objective_runs(tmp_path):
+  from mdlm import train
+  from tests.helpers import train_losses, tiny_config
+  cfg = tiny_config(steps=20, eval_every=20, log_every=5, objective="meap", meap_ratio=0.15)
+  cfg.model = cfg.model.replace(kind="ar")
+  train.run(cfg, str(tmp_path / "meap"))
+  losses = train_losses(str(tmp_path / "meap"))
+  assert losses[20] < losses[5]
+
+
+def test_meap_objective_registered(ar_model):
+  from mdlm import objectives
+  ctx = objectives.Context(schedule=schedules.get("loglinear"), mask_id=V, bos_id=1,
+                           meap_ratio=0.25)
+  tokens = np.array(_tokens(15, (2, L)), np.int32)
+  tokens[:, 0] = 1
+  batch = {"tokens": tokens, "token_mask": np.ones((2, L), bool)}
+  terms = nnx.jit(lambda m, b, k: objectives.get("meap")(m, b, k, ctx))(
+      ar_model, batch, jax.random.key(0))
+  np.testing.assert_array_equal(terms.num_tokens_B, [L - 1, L - 1])
+  np.testing.assert_array_equal(terms.num_masked_B, [round(0.25 * (L - 2))] * 2)
+  assert objectives.EVAL_OBJECTIVE["meap"] == "ar" and "maria" in objectives.OBJECTIVES

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import stats as sstats
 
 from mdlm import schedules
@@ -31,7 +32,7 @@ STATES = np.array(list(itertools.product(range(OV), repeat=OL)), np.int32)  # [8
 
 def _joint(seed=0):
   p = np.random.default_rng(seed).dirichlet(np.full(OV ** OL, 2.0))
-  return 0.9 * p + 0.1 / OV ** OL  # every cell has >= 20 expected counts at N = 20k
+  return 0.9 * p + 0.1 / OV ** OL  # every cell has >= 12 expected counts at N = 10k
 
 
 def make_oracle(p):
@@ -63,7 +64,7 @@ def oracle():
 
 def test_ancestral_reproduces_oracle_joint_cached_and_uncached(oracle):
   p, denoise = oracle
-  n = 20_000
+  n = 10_000
   xt = jnp.full((n, OL), OV, jnp.int32)
   out = {}
   for cache in (True, False):
@@ -81,7 +82,7 @@ def test_ancestral_reproduces_oracle_joint_cached_and_uncached(oracle):
 
 def test_one_parallel_step_gives_product_of_marginals(oracle):
   p, denoise = oracle
-  n = 20_000
+  n = 10_000
   marg_LxV = np.stack([[p[STATES[:, i] == v].sum() for v in range(OV)] for i in range(OL)])
   product = np.prod(marg_LxV[np.arange(OL), STATES], axis=1)
   tokens, _ = ancestral(jax.random.key(1), denoise, jnp.full((n, OL), OV, jnp.int32), steps=1,
@@ -92,7 +93,7 @@ def test_one_parallel_step_gives_product_of_marginals(oracle):
 def test_oracle_infill_matches_conditional(oracle):
   """Given x_0 = 2 and x_3 = 1, the filled pair follows p(x_1, x_2 | x_0, x_3)."""
   p, denoise = oracle
-  n = 20_000
+  n = 10_000
   xt = jnp.broadcast_to(jnp.array([2, OV, OV, 1], jnp.int32), (n, OL))
   tokens = np.asarray(ancestral(jax.random.key(2), denoise, xt, steps=40, schedule=LOGLINEAR,
                                 mask_id=OV, grid="cosine")[0])
@@ -215,15 +216,14 @@ def test_top_p_and_temperature():
   n = 1 << 16
   bits = categorical_lib.uniform_bits(jax.random.key(5), (n,))
   lp = jnp.broadcast_to(jax.nn.log_softmax(logits), (n, 4))
-  hot = np.bincount(np.asarray(categorical_lib.draw(lp, bits, temperature=0.5, top_p=1.0)),
-                    minlength=4)
+  draw = jax.jit(categorical_lib.draw, static_argnames=("temperature", "top_p"))
+  hot = np.bincount(np.asarray(draw(lp, bits, temperature=0.5, top_p=1.0)), minlength=4)
   expect = np.array([0.5, 0.3, 0.15, 0.05]) ** 2
   assert sstats.chisquare(hot, expect / expect.sum() * n).pvalue > P_MIN
-  nucleus = np.bincount(np.asarray(categorical_lib.draw(lp, bits, temperature=1.0, top_p=0.8)),
-                        minlength=4)
+  nucleus = np.bincount(np.asarray(draw(lp, bits, temperature=1.0, top_p=0.8)), minlength=4)
   assert sstats.chisquare(nucleus[:2], np.array([5, 3]) / 8 * n).pvalue > P_MIN
   assert nucleus[2:].sum() == 0
-  greedy = categorical_lib.draw(lp, bits, temperature=0.0, top_p=1.0)
+  greedy = draw(lp, bits, temperature=0.0, top_p=1.0)
   assert np.all(np.asarray(greedy) == 0)
 
 
@@ -233,17 +233,20 @@ V, L = 41, 24
 
 
 class Toy:
-  """A cheap denoiser that depends on the whole input: logits_i = sum_j A_ij E[xt_j]."""
+  """A cheap denoiser that depends on the whole input: logits_i = sum_j A_ij E[xt_j] (times
+  1 + 3t when time_dependent)."""
 
-  def __init__(self, vocab=V, length=L, seed=0):
+  def __init__(self, vocab=V, length=L, seed=0, time_dependent=False):
     rng = np.random.default_rng(seed)
+    self.time_conditioned = time_dependent
     self.a = jnp.asarray(rng.normal(size=(length, length)) * 0.5, jnp.float32)
     self.e = jnp.asarray(rng.normal(size=(vocab + 1, vocab)) * 2.0, jnp.float32)
     self.mask_id, self.max_length = vocab, length
 
   def __call__(self, xt_BxL, t_B):
     n = xt_BxL.shape[1]
-    return jnp.einsum("ij,bjv->biv", self.a[:n, :n], self.e[xt_BxL])
+    logits = jnp.einsum("ij,bjv->biv", self.a[:n, :n], self.e[xt_BxL])
+    return logits * (1.0 + 3.0 * t_B[:, None, None]) if self.time_conditioned else logits
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +272,7 @@ def test_model_cached_equals_uncached_and_nfe_bound(model):
   assert np.all(np.asarray(a) < V)
 
 
-def test_cache_is_exact_for_time_conditioned_denoisers():
+def test_time_conditioned_adapter_reads_the_noise_level():
   cfg = presets.get("tiny", vocab_size=V, max_seq_len=L, d_model=32, num_heads=2,
                     time_conditioning=True, cond_dim=16)
   model = build(cfg, seed=1)
@@ -277,22 +280,19 @@ def test_cache_is_exact_for_time_conditioned_denoisers():
   for block in model.blocks:
     block.ada.w[...] = 0.2 * jax.random.normal(jax.random.key(0), block.ada.w.shape)
   denoise = denoiser_from_model(model, LOGLINEAR)
+  assert denoise.time_conditioned
   x = jnp.full((2, L), model.mask_id, jnp.int32)
   t = jnp.array([0.3, 0.9])
   np.testing.assert_allclose(np.asarray(denoise(x, t)),
                              np.asarray(model(x, LOGLINEAR.mask_prob(t))), rtol=1e-6, atol=1e-6)
   assert not np.allclose(np.asarray(denoise(x, jnp.array([0.3, 0.3]))),
                          np.asarray(denoise(x, jnp.array([0.9, 0.9]))))
-  xt = jnp.full((3, L), model.mask_id, jnp.int32).at[:, :4].set(5)
-  a, sa = ancestral(jax.random.key(8), denoise, xt, steps=3 * L, schedule=LOGLINEAR,
-                    mask_id=model.mask_id, cache=True)
-  b, _ = ancestral(jax.random.key(8), denoise, xt, steps=3 * L, schedule=LOGLINEAR,
-                   mask_id=model.mask_id, cache=False)
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert int(sa["nfe"]) <= L - 4 + 1
 
 
-def test_cached_equals_uncached_with_batch_temperature_top_p(toy):
+def test_cache_is_exact_for_time_dependent_denoisers_any_batch():
+  """Skipping is exact even when the output depends on t: each call sees the uncached input and
+  time. Batch 4, temperature, top-p and the cosine grid included."""
+  toy = Toy(time_dependent=True)
   xt = jnp.full((4, L), toy.mask_id, jnp.int32).at[1, 3:9].set(2)
   kw = dict(steps=3 * L, schedule=schedules.get("cosine"), mask_id=toy.mask_id, temperature=0.8,
             top_p=0.9, grid="cosine")
@@ -360,7 +360,7 @@ def test_confidence_commits_the_scheduled_most_confident(toy):
   assert int(st["nfe"]) == steps
   # Replay: at each step the committed positions are the argmax predictions with the highest
   # probabilities among the still-masked ones.
-  x = np.asarray(xt)
+  x = np.array(xt)
   for i in range(1, steps + 1):
     logp = np.asarray(jax.nn.log_softmax(toy(jnp.asarray(x), None), axis=-1))
     for b in range(x.shape[0]):
@@ -518,10 +518,12 @@ def test_bad_settings_are_refused(toy, model):
     ancestral(jax.random.key(0), toy, xt.at[0, 0].set(V + 5), steps=4, **kw)
   with pytest.raises(ValueError, match="shape"):
     ancestral(jax.random.key(0), toy, xt[0], steps=4, **kw)
-  ar = build(presets.get("tiny", kind="ar", vocab_size=V, max_seq_len=L))
+  # Shape-only models (nnx.eval_shape) suffice: the adapter refuses before touching weights.
+  ar = nnx.eval_shape(lambda: build(presets.get("tiny", kind="ar", vocab_size=V, max_seq_len=L)))
   with pytest.raises(ValueError, match="denoiser"):
     denoiser_from_model(ar)
-  tc = build(presets.get("tiny", vocab_size=V, max_seq_len=L, time_conditioning=True))
+  tc = nnx.eval_shape(lambda: build(presets.get("tiny", vocab_size=V, max_seq_len=L,
+                                                time_conditioning=True)))
   with pytest.raises(ValueError, match="schedule"):
     denoiser_from_model(tc)
 
@@ -549,7 +551,9 @@ def test_generative_perplexity_matches_direct_computation():
       piece = np.asarray(s[start:start + 8])
       if len(piece) < 2:
         continue
-      logp = jax.nn.log_softmax(ar(jnp.asarray(piece)[None])[0], axis=-1)
+      # Causal: appending filler after the piece changes none of its predictions.
+      padded = np.concatenate([piece, np.zeros(8 - len(piece), int)])
+      logp = jax.nn.log_softmax(ar(jnp.asarray(padded)[None])[0], axis=-1)
       total -= float(np.sum(np.asarray(logp)[np.arange(len(piece) - 1), piece[1:]]))
       count += len(piece) - 1
   assert got["num_tokens"] == count

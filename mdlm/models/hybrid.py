@@ -26,10 +26,12 @@ given token is fed. Optionally the denoiser states are recomputed every k filled
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from mdlm import diffusion
@@ -109,14 +111,63 @@ def build_maria(denoiser: Transformer, ar_model: Transformer) -> MariaHead:
 
 
 def load_maria(denoiser_run: str, ar_run: str, *, ema: bool = True) -> tuple[MariaHead, Any]:
-  """Builds the head from two run directories (the same tokenizer); returns (head, tokenizer)."""
+  """The head over two trained run directories (one tokenizer); returns (head, tokenizer)."""
   from mdlm import checkpointing
+  for name, path in (("train.maria_denoiser_run", denoiser_run), ("train.maria_ar_run", ar_run)):
+    if not path:
+      raise ValueError(f"MARIA needs {name}: the run directory of a trained "
+                       f"{'denoiser' if 'denoiser' in name else 'AR model'} (same tokenizer).")
   den = checkpointing.load_run(denoiser_run, ema=ema)
   arr = checkpointing.load_run(ar_run, ema=ema)
-  if den.tokenizer.vocab_size != arr.tokenizer.vocab_size:
-    raise ValueError(f"{denoiser_run} and {ar_run} use different tokenizers "
-                     f"(V={den.tokenizer.vocab_size} vs {arr.tokenizer.vocab_size}).")
+  a, b = den.tokenizer, arr.tokenizer
+  if (a.vocab_size, a.bos_id, a.eos_id) != (b.vocab_size, b.bos_id, b.eos_id) or \
+      a.encode("The quick brown fox.") != b.encode("The quick brown fox."):
+    raise ValueError(f"{denoiser_run} and {ar_run} use different tokenizers; MARIA needs one "
+                     "shared tokenizer (train both runs with the same tokenizer settings).")
   return build_maria(den.model, arr.model), den.tokenizer
+
+
+def freeze_backbones(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:
+  """`tx` on W alone; the backbones get exact zero updates and no optimizer state.
+
+  params: the head's parameters as a pure dict {"ar": ..., "denoiser": ..., "w": ...} (the
+  trainer's layout); the labels are computed from it once, so the transformation also works with
+  optax.tree_map_params.
+  """
+  labels = {k: jax.tree.map(lambda _, k=k: "train" if k == "w" else "frozen", v)
+            for k, v in params.items()}
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def load_maria_run(path: str, *, ema: bool = True):
+  """A trained MARIA run (objective=maria): (head, tokenizer, config).
+
+  The head's parameters, backbones included, come from the MARIA run's own checkpoint (the
+  backbone runs named in its config supply the architecture).
+  """
+  import orbax.checkpoint as ocp
+  from mdlm import checkpointing
+  run_dir = checkpointing._find_run_dir(path)[0]
+  cfg = checkpointing.load_config(run_dir)
+  head, tokenizer = load_maria(cfg.train.maria_denoiser_run, cfg.train.maria_ar_run)
+  graphdef, state = nnx.split(head)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          nnx.to_pure_dict(state))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  mgr = checkpointing.manager(os.path.join(run_dir, "checkpoints"), read_only=True,
+                              async_save=False)
+  try:
+    step = mgr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint; train it first.")
+    tree = {"params": abstract, "ema": abstract}
+    item = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=tree, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device),
+                                             tree), partial_restore=True)))
+  finally:
+    mgr.close()
+  nnx.replace_by_pure_dict(state, item["state"]["ema" if ema else "params"])
+  return nnx.merge(graphdef, state), tokenizer, cfg
 
 
 def trainable_params(head: MariaHead):

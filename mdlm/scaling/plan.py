@@ -54,6 +54,12 @@ class SweepRecipe:
   min_steps: int = 100             # fewer steps are flagged "few_steps"
   max_steps: int = 100_000         # more steps are flagged "many_steps"
   drop_flagged: bool = False       # leave flagged jobs out of the plan (they stay listed)
+  # Per budget, only the `sizes_per_budget` sizes nearest (in log N) to the size with
+  # `tokens_per_param` tokens per parameter (D / N; Hoffmann et al. found ~20 compute-optimal);
+  # 0 plans every size at every budget.
+  sizes_per_budget: int = 0
+  tokens_per_param: float = 20.0
+  min_warmup_steps: int = 0        # warmup = max(ceil(warmup_fraction * steps), this)
   evals_per_run: int = 4           # eval_every = ceil(steps / evals_per_run)
   checkpoints_per_run: int = 4     # checkpoint_every = ceil(steps / checkpoints_per_run)
   sweep_dir: str = ""              # default: runs/scaling/<name>
@@ -87,6 +93,8 @@ class SweepRecipe:
       bad(f"max_steps={self.max_steps} < min_steps={self.min_steps}")
     if not 0.0 <= self.warmup_fraction < 1.0:
       bad(f"warmup_fraction={self.warmup_fraction} must lie in [0, 1)")
+    if self.sizes_per_budget < 0 or not self.tokens_per_param > 0 or self.min_warmup_steps < 0:
+      bad("sizes_per_budget and min_warmup_steps must be >= 0, tokens_per_param > 0")
     if not self.lr > 0:
       bad(f"lr={self.lr} must be > 0")
     if not self.seeds:
@@ -186,7 +194,7 @@ def plan_sweep(recipe: SweepRecipe, family: Optional[Family] = None) -> tuple[li
             f"budget C={budget:g} is smaller than one step of the smallest model {smallest.name}"
             f" ({f_small:g} FLOPs/token x {step_tokens} tokens = {f_small * step_tokens:g}); "
             "raise the budget or lower batch_size / seq_len.")
-      for size in sizes:
+      for size in _window(sizes, family, kind, budget, recipe):
         fpt = family.flops_per_token(size, seq_len=recipe.seq_len, vocab_size=recipe.vocab_size,
                                      convention=recipe.flops, kind=kind)
         # Whole steps, nearest to C / (F x tokens per step): |tokens F - C| <= F x step / 2.
@@ -209,13 +217,29 @@ def plan_sweep(recipe: SweepRecipe, family: Optional[Family] = None) -> tuple[li
   return jobs, skipped
 
 
+def _window(sizes, family, kind, budget, recipe):
+  """The sizes planned at one budget (all, or a window around the D / N = tokens_per_param
+  size: N* = sqrt(C / (6 tokens_per_param)) from C = 6 N D)."""
+  k = recipe.sizes_per_budget
+  if not k or k >= len(sizes):
+    return sizes
+  by_n = sorted(sizes, key=lambda s: family.non_embedding_params(s, kind=kind))
+  logn = [math.log(family.non_embedding_params(s, kind=kind)) for s in by_n]
+  target = 0.5 * math.log(budget / (6.0 * recipe.tokens_per_param))
+  centre = min(range(len(by_n)), key=lambda i: abs(logn[i] - target))
+  start = min(max(0, centre - (k - 1) // 2 - (1 if (k % 2 == 0 and target < logn[centre])
+                                               else 0)), len(by_n) - k)
+  return by_n[start:start + k]
+
+
 def _job(recipe, family, kind, label, budget, size, fpt, steps, seed, flags) -> Job:
   tag = _budget_tag(budget)
   job_id = f"{label}-C{tag}-{size.name}-s{seed}"
   run_dir = os.path.join(recipe.sweep_dir, label, f"C{tag}", f"{size.name}-s{seed}")
   cfg = family.config(size, kind=kind, seq_len=recipe.seq_len)
   tokens = steps * recipe.batch_size * recipe.seq_len
-  warmup = int(math.ceil(recipe.warmup_fraction * steps))
+  warmup = min(max(int(math.ceil(recipe.warmup_fraction * steps)), recipe.min_warmup_steps),
+               steps - 1)
   model_fields = {"kind": kind, "name": size.name, "num_layers": size.num_layers,
                   "d_model": size.d_model, "num_heads": size.num_heads, "d_ff": size.d_ff,
                   "max_seq_len": recipe.seq_len,
@@ -333,11 +357,12 @@ def sweep_script(recipe: SweepRecipe, jobs: list[Job], plan_dir: Path, *,
     if not ids:
       continue
     cmd = [python, "-m", "mdlm.train", "-m",
-           f"hydra.searchpath=[file://{Path(plan_dir).resolve() / 'hydra'}]",
+           f"hydra.searchpath=[file://{Path(plan_dir) / 'hydra'}]",  # relative to the cwd
            "+scaling_job=" + ",".join(ids),
            f"hydra.sweep.dir={os.path.join(recipe.sweep_dir, 'hydra', KIND_LABELS[kind])}",
            "hydra.sweep.subdir=${hydra.job.num}", *recipe.overrides, '"$@"']
-    lines.append(" \\\n  ".join(shlex.quote(c) if c != '"$@"' else c for c in cmd))
+    quoted = [shlex.quote(c) if c != '"$@"' else c for c in cmd]
+    lines.append(" ".join(quoted[:4]) + " \\\n  " + " \\\n  ".join(quoted[4:]))
     lines.append("")
   return "\n".join(lines)
 

@@ -74,6 +74,14 @@ def pad_rows(batch: dict, rows: int) -> dict:
           for k, v in batch.items()}
 
 
+def _to_host(x) -> np.ndarray:
+  """A (possibly multi-host, batch-sharded) array as one numpy array on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def evaluate_batches(eval_step, params, batches, mesh, rows: int, key,
                      max_batches: Optional[int] = None, progress: bool = False) -> dict:
   """Runs `eval_step` over an iterable of host batches; returns nll (nats/token), its standard
@@ -86,11 +94,11 @@ def evaluate_batches(eval_step, params, batches, mesh, rows: int, key,
   for i, batch in enumerate(iterator):
     if max_batches is not None and i >= max_batches:
       break
-    n = batch["tokens"].shape[0]
     s, c = eval_step(params, sharding.global_batch(pad_rows(batch, rows), mesh),
                      jax.random.fold_in(key, i))
-    nll_sums.append(np.asarray(jax.device_get(s))[:n])
-    counts.append(np.asarray(jax.device_get(c))[:n])
+    # Padding rows carry zero tokens and drop out in ratio_with_stderr.
+    nll_sums.append(_to_host(s))
+    counts.append(_to_host(c))
   if not nll_sums:
     raise ValueError("The evaluation data yielded no batch: the split is empty or smaller than "
                      "one row; raise data.val_fraction or use a larger corpus.")

@@ -273,3 +273,24 @@ def test_hydra_multirun(tmp_path):
   for job in ("0", "1"):
     status = json.load(open(tmp_path / "sweep" / job / "status.json"))
     assert status["state"] == "finished"
+
+
+@pytest.mark.slow
+def test_multi_process_training_over_loopback(tmp_path):
+  """Two JAX processes (jax.distributed over loopback, CPU collectives) train one run."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  script = ("import sys; from mdlm import train; from tests.helpers import tiny_config; "
+            "train.run(tiny_config(steps=4, checkpoint_every=2, eval_every=4), sys.argv[1])")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_NUM_PROCESSES="2",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}")
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run")], cwd=REPO,
+                            env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+  status = json.load(open(tmp_path / "run" / "status.json"))
+  assert status["state"] == "finished" and status["step"] == 4
+  assert np.isfinite(status["val/nll"])

@@ -119,9 +119,7 @@ def load_maria(denoiser_run: str, ar_run: str, *, ema: bool = True) -> tuple[Mar
                        f"{'denoiser' if 'denoiser' in name else 'AR model'} (same tokenizer).")
   den = checkpointing.load_run(denoiser_run, ema=ema)
   arr = checkpointing.load_run(ar_run, ema=ema)
-  a, b = den.tokenizer, arr.tokenizer
-  if (a.vocab_size, a.bos_id, a.eos_id) != (b.vocab_size, b.bos_id, b.eos_id) or \
-      a.encode("The quick brown fox.") != b.encode("The quick brown fox."):
+  if den.tokenizer.fingerprint != arr.tokenizer.fingerprint:
     raise ValueError(f"{denoiser_run} and {ar_run} use different tokenizers; MARIA needs one "
                      "shared tokenizer (train both runs with the same tokenizer settings).")
   return build_maria(den.model, arr.model), den.tokenizer
@@ -183,15 +181,15 @@ def masked_fraction(xt_BxL, mask_id: int, token_mask_BxL=None):
 
 
 def masked_token_scores(logits_BxLxV, x0_BxL, counted_BxL):
-  """(nll_sum, num_correct, count) over the counted positions: -log softmax(logits)[x0] and
-  whether argmax == x0. float32."""
+  """Per sequence: (nll_B, correct_B, count_B) over the counted positions, where nll sums
+  -log softmax(logits)[x0] and correct counts argmax == x0. float32."""
   logits = jnp.asarray(logits_BxLxV, jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
   target = jnp.take_along_axis(logits, jnp.asarray(x0_BxL)[..., None].astype(jnp.int32), -1)[..., 0]
   counted = jnp.asarray(counted_BxL, bool)
-  nll = jnp.sum(jnp.where(counted, logz - target, 0.0))
-  correct = jnp.sum(counted & (jnp.argmax(logits, -1) == x0_BxL))
-  return nll, correct.astype(jnp.float32), jnp.sum(counted).astype(jnp.float32)
+  nll_B = jnp.sum(jnp.where(counted, logz - target, 0.0), axis=-1)
+  correct_B = jnp.sum(counted & (jnp.argmax(logits, -1) == x0_BxL), axis=-1)
+  return nll_B, correct_B.astype(jnp.float32), jnp.sum(counted, axis=-1).astype(jnp.float32)
 
 
 def maria_loss(head: MariaHead, batch, key, *, schedule, t_min: float = diffusion.T_MIN,
@@ -217,10 +215,7 @@ def maria_loss(head: MariaHead, batch, key, *, schedule, t_min: float = diffusio
     move_BxL = move_BxL & jnp.asarray(token_mask_BxL, bool)
   xt_BxL = jnp.where(move_BxL, jnp.asarray(head.mask_id, x0_BxL.dtype), x0_BxL)
   logits = head(x0_BxL, xt_BxL, noise_level_B=noise_B, token_mask_BxL=token_mask_BxL)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target = jnp.take_along_axis(logits, x0_BxL[..., None].astype(jnp.int32), -1)[..., 0]
-  nll_B = jnp.sum(jnp.where(move_BxL, logz - target, 0.0), axis=-1)
-  count_B = jnp.sum(move_BxL, axis=-1).astype(jnp.float32)
+  nll_B, _, count_B = masked_token_scores(logits, x0_BxL, move_BxL)
   return diffusion.LossTerms(nll_B, count_B, count_B)
 
 

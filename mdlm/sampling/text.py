@@ -21,7 +21,7 @@ from mdlm.sampling.confidence_sampler import confidence
 from mdlm.sampling.semi_ar import semi_autoregressive
 
 MARKER = re.compile(r"\[MASK(?:\*(\d+))?\]")
-SAMPLERS = ("ancestral", "confidence", "semi_ar")
+SAMPLERS = ("ancestral", "confidence", "semi_ar", "maria")
 
 
 @dataclasses.dataclass
@@ -102,7 +102,8 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
 
 
 def run_sampler(key, denoise, xt, *, sampler: str = "ancestral", **settings):
-  """Dispatches to ancestral / confidence / semi_ar (window, stride, inner=... for semi_ar)."""
+  """Dispatches to ancestral / confidence / semi_ar (window, stride, inner=... for semi_ar), or
+  to maria (mdlm.models.hybrid.maria_infill; `denoise` is then a MariaHead)."""
   if sampler == "ancestral":
     return ancestral(key, denoise, xt, **settings)
   if sampler == "confidence":
@@ -111,6 +112,9 @@ def run_sampler(key, denoise, xt, *, sampler: str = "ancestral", **settings):
     settings = dict(settings)
     inner = settings.pop("inner", "ancestral")
     return semi_autoregressive(key, denoise, xt, sampler=inner, **settings)
+  if sampler == "maria":  # here `denoise` is a mdlm.models.hybrid.MariaHead
+    from mdlm.models.hybrid import maria_infill
+    return maria_infill(key, denoise, xt, **settings)
   raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
 
 

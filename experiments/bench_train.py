@@ -2,21 +2,24 @@
 
 One training step is what the trainer runs: sample t, mask, denoise, the Rao-Blackwellized NELBO
 (mdlm.diffusion.diffusion_loss), value_and_grad, global-norm clipping and an optax AdamW update,
-jitted with the parameters and optimizer state donated.
+jitted with the parameters and optimizer state donated (nnx.split once, nnx.merge in the step).
 
-MFU = FLOPs/token x tokens/s / peak, where FLOPs/token is presets.flops_per_token(...)["full"]
-(6 x matmul parameters, output head included, + 12 x layers x L x d for attention) and the peak
-is measured here: a jitted 2048x2048 matmul in float32 (median of repeats). bfloat16 runs are
-quoted against the same float32 peak (column "mfu") and against a bf16-input matmul peak
-("mfu_bf16").
+MFU = FLOPs/token x tokens/s / peak. FLOPs/token is presets.flops_per_token(...)["full"]
+(6 x matmul parameters, output head included, + 12 x layers x L x d for attention). The peak is
+measured in this script: a jitted 2048x2048 float32 matmul, median of repeats, sampled before and
+after the training steps. bfloat16 rows are also quoted against a bf16-input matmul peak
+(column MFUbf16); on a GPU or TPU the bf16 column uses the vendor's dense bf16 peak instead
+(mdlm.perf), since a 2048^2 matmul does not saturate an accelerator.
 
-Timings on a shared CPU are noisy: each figure is the median of `--repeats` timed steps after
-`--warmup` untimed ones, and the matmul peak is measured before and after the steps (the median
-of all its samples is used).
+The CPU is shared on the development machines, so the script also reports process CPU seconds
+per step and MFUcpu = FLOPs per CPU-second of the step / FLOPs per CPU-second of the matmul.
+Other processes inflate wall-clock times but hardly CPU time; MFUcpu equals MFU when the step
+keeps every core busy, so MFU / MFUcpu is the step's parallel efficiency.
 
   python experiments/bench_train.py                        # tiny and cpu presets, float32
   python experiments/bench_train.py --presets cpu --dtypes float32 bfloat16
-  python experiments/bench_train.py --presets small --seq-len 1024 --batch 8 --dtypes bfloat16
+  python experiments/bench_train.py --presets small --seq-len 1024 --batch 32 --vocab 50257 \
+      --dtypes bfloat16 --attention-impl cudnn             # on a GPU
   python experiments/bench_train.py --json out.json        # also write the rows as JSON
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -40,62 +44,68 @@ import optax
 from flax import nnx
 
 from mdlm import diffusion
+from mdlm import perf
 from mdlm import schedules
 from mdlm.models import build, presets
 
 
-def _median_time(fn, repeats):
-  times = []
+def _time(fn, repeats):
+  """Wall-clock and process CPU seconds of each of `repeats` calls."""
+  wall, cpu = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), times
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return wall, cpu
 
 
-def matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 20) -> list[float]:
-  """FLOP/s samples of a jitted size x size matmul (bf16 inputs accumulate in float32)."""
+def matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 20, calls: int = 4):
+  """(FLOP/s samples, FLOP per CPU-second samples) of a jitted size x size matmul.
+
+  bf16 inputs accumulate in float32. Each sample times `calls` back-to-back matmuls.
+  """
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(k1, (size, size), jnp.float32).astype(dtype)
   b = jax.random.normal(k2, (size, size), jnp.float32).astype(dtype)
   f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   for _ in range(3):
     f(a, b).block_until_ready()
-  _, times = _median_time(lambda: f(a, b), repeats)
-  return [2.0 * size**3 / t for t in times]
+  wall, cpu = _time(lambda: [f(a, b) for _ in range(calls)], repeats)
+  flops = calls * 2.0 * size**3
+  return [flops / t for t in wall], [flops / t for t in cpu]
 
 
 def make_train_step(model, schedule, *, lr=3e-4, weight_decay=0.01, clip=1.0):
-  """(graphdef, params, opt_state, step_fn): step_fn(params, opt_state, key, tokens)."""
+  """(params, opt_state, step): step(params, opt_state, key, tokens) -> (params, opt_state, loss)."""
   graphdef, params = nnx.split(model, nnx.Param)
   tx = optax.chain(optax.clip_by_global_norm(clip),
                    optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=weight_decay))
   opt_state = tx.init(params)
-  mask_id = model.mask_id
+  mask_id, use_dropout = model.mask_id, model.cfg.dropout > 0
 
   def loss_fn(params, key, tokens_BxL):
     net = nnx.merge(graphdef, params)
-    apply_fn = lambda xt, t: net(xt, schedule.mask_prob(t))
-    per_token_BxL, _, _ = diffusion.diffusion_loss(key, apply_fn, tokens_BxL, schedule, mask_id)
+    loss_key, dropout_key = jax.random.split(key)
+    apply_fn = lambda xt, t: net(xt, schedule.mask_prob(t),
+                                 dropout_key=dropout_key if use_dropout else None)
+    per_token_BxL, _, _ = diffusion.diffusion_loss(loss_key, apply_fn, tokens_BxL, schedule,
+                                                   mask_id)
     return jnp.sum(per_token_BxL) / tokens_BxL.size
 
   def step(params, opt_state, key, tokens_BxL):
     loss, grads = jax.value_and_grad(loss_fn)(params, key, tokens_BxL)
     updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, loss
 
-  return graphdef, params, opt_state, jax.jit(step, donate_argnums=(0, 1))
+  return params, opt_state, jax.jit(step, donate_argnums=(0, 1))
 
 
 def bench_one(preset: str, dtype: str, *, seq_len: int, batch: int, vocab: int, warmup: int,
-              repeats: int, seed: int = 0) -> dict:
-  cfg = presets.get(preset, dtype=dtype, vocab_size=vocab,
+              repeats: int, attention_impl=None, seed: int = 0) -> dict:
+  cfg = presets.get(preset, dtype=dtype, vocab_size=vocab, attention_impl=attention_impl,
                     max_seq_len=max(seq_len, presets.PRESETS[preset].max_seq_len))
-  model = build(cfg, seed=seed)
-  schedule = schedules.get("loglinear")
-  _, params, opt_state, step = make_train_step(model, schedule)
-  del model
+  params, opt_state, step = make_train_step(build(cfg, seed=seed), schedules.get("loglinear"))
   tokens = jax.random.randint(jax.random.key(seed + 1), (batch, seq_len), 0, vocab, jnp.int32)
   key = jax.random.key(seed + 2)
 
@@ -103,8 +113,6 @@ def bench_one(preset: str, dtype: str, *, seq_len: int, batch: int, vocab: int, 
   compiled = step.lower(params, opt_state, key, tokens).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
 
   losses = []
   def run():
@@ -115,33 +123,38 @@ def bench_one(preset: str, dtype: str, *, seq_len: int, batch: int, vocab: int, 
     return loss
 
   for _ in range(warmup):
-    run()
-  jax.block_until_ready(losses[-1]) if losses else None
-  step_s, times = _median_time(run, repeats)
+    jax.block_until_ready(run())
+  wall, cpu = _time(run, repeats)
   loss_vals = [float(l) for l in losses]
   if not np.all(np.isfinite(loss_vals)):
     raise RuntimeError(f"non-finite loss in the benchmark: {loss_vals}")
 
-  flops = presets.flops_per_token(cfg, seq_len, vocab)
-  tokens_per_step = batch * seq_len
-  peak_bytes = None
+  flops_per_token = presets.flops_per_token(cfg, seq_len, vocab)["full"]
+  step_s, tokens_per_step = statistics.median(wall), batch * seq_len
+  xla_peak = None
   if mem is not None:
-    peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                  + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    xla_peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes)
+  device_stats = jax.devices()[0].memory_stats() or {}
   return {
       "preset": preset, "dtype": dtype, "seq_len": seq_len, "batch": batch, "vocab": vocab,
+      "attention_impl": attention_impl,
       "params": presets.count_params(cfg, vocab)["total"],
-      "flops_per_token": flops["full"],
-      "xla_flops_per_token": (cost or {}).get("flops", float("nan")) / tokens_per_step,
-      "step_s": step_s, "step_s_all": times,
+      "flops_per_token": flops_per_token,
+      "step_s": step_s, "step_s_all": wall,
+      "cpu_s": statistics.median(cpu), "cpu_s_all": cpu,
       "tokens_per_s": tokens_per_step / step_s,
-      "achieved_flops": flops["full"] * tokens_per_step / step_s,
+      "achieved_flops": flops_per_token * tokens_per_step / step_s,
       "compile_s": compile_s,
-      "xla_temp_mib": None if mem is None else mem.temp_size_in_bytes / 2**20,
-      "xla_peak_mib": None if peak_bytes is None else peak_bytes / 2**20,
+      "xla_peak_mib": None if xla_peak is None else xla_peak / 2**20,
+      "device_peak_mib": device_stats.get("peak_bytes_in_use", 0) / 2**20 or None,
       "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "loss_first": loss_vals[0], "loss_last": loss_vals[-1],
   }
+
+
+def _fmt_pct(x):
+  return "     -" if x is None else f"{100 * x:5.1f}%"
 
 
 def main(argv=None):
@@ -153,53 +166,72 @@ def main(argv=None):
   p.add_argument("--vocab", type=int, default=8192)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--peak-repeats", type=int, default=20)
+  p.add_argument("--peak-repeats", type=int, default=10)
+  p.add_argument("--attention-impl", default=None, choices=["xla", "cudnn"],
+                 help="jax.nn.dot_product_attention implementation (default: JAX's choice)")
   p.add_argument("--json", default=None, help="write the result rows to this JSON file")
   args = p.parse_args(argv)
   for name in args.presets:
     presets.get(name)  # unknown names fail before anything compiles
-  if min(args.seq_len, args.batch, args.vocab, args.repeats) < 1 or args.warmup < 0:
-    p.error("--seq-len, --batch, --vocab and --repeats must be >= 1, --warmup >= 0")
+  if min(args.seq_len, args.batch, args.vocab, args.repeats, args.peak_repeats) < 1:
+    p.error("--seq-len, --batch, --vocab, --repeats and --peak-repeats must be >= 1")
+  if args.warmup < 0:
+    p.error("--warmup must be >= 0")
 
   dev = jax.devices()[0]
-  print(f"# jax {jax.__version__} on {dev.platform} ({getattr(dev, 'device_kind', '')}), "
-        f"{platform.processor() or platform.machine()}; L={args.seq_len} batch={args.batch} "
-        f"V={args.vocab}; median of {args.repeats} steps after {args.warmup} warm-up")
-  peak_samples = {"float32": matmul_peak("float32", repeats=args.peak_repeats)}
-  if "bfloat16" in args.dtypes:
-    peak_samples["bfloat16"] = matmul_peak("bfloat16", repeats=args.peak_repeats)
+  on_cpu = dev.platform == "cpu"
+  print(f"# jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
+        f"{platform.machine()} x {os.cpu_count()} CPUs; L={args.seq_len} batch={args.batch} "
+        f"V={args.vocab}; medians of {args.repeats} steps after {args.warmup} warm-up",
+        flush=True)
+  samples = {"float32": matmul_peak("float32", repeats=args.peak_repeats)}
+  if "bfloat16" in args.dtypes and on_cpu:
+    samples["bfloat16"] = matmul_peak("bfloat16", repeats=args.peak_repeats)
 
   rows = []
   for name in args.presets:
     for dtype in args.dtypes:
-      rows.append(bench_one(name, dtype, seq_len=args.seq_len, batch=args.batch, vocab=args.vocab,
-                            warmup=args.warmup, repeats=args.repeats))
-      print(f"#   done {name}/{dtype}: {rows[-1]['step_s']:.3f} s/step", file=sys.stderr)
-  # Measure the peak again after the steps: on a shared machine, load drifts.
-  peak_samples["float32"] += matmul_peak("float32", repeats=args.peak_repeats)
-  peaks = {k: statistics.median(v) for k, v in peak_samples.items()}
-  print(f"# matmul peak 2048^2 (median): float32 {peaks['float32'] / 1e9:.1f} GFLOP/s"
-        + (f", bf16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s" if "bfloat16" in peaks else ""))
-  header = (f"{'preset':8s} {'dtype':8s} {'params':>9s} {'GFLOP/tok':>9s} {'s/step':>7s} "
-            f"{'tok/s':>8s} {'GFLOP/s':>8s} {'MFU':>6s} {'MFUbf16':>7s} {'XLApeak':>8s} "
-            f"{'maxRSS':>8s} {'compile':>7s}")
-  print(header)
+      rows.append(bench_one(name, dtype, seq_len=args.seq_len, batch=args.batch,
+                            vocab=args.vocab, warmup=args.warmup, repeats=args.repeats,
+                            attention_impl=args.attention_impl))
+      print(f"#   {name}/{dtype}: {rows[-1]['step_s']:.3f} s/step", flush=True)
+  # The float32 peak is sampled again after the steps: on a shared machine the load drifts.
+  wall2, cpu2 = matmul_peak("float32", repeats=args.peak_repeats)
+  samples["float32"] = (samples["float32"][0] + wall2, samples["float32"][1] + cpu2)
+  peak = {k: statistics.median(w) for k, (w, _) in samples.items()}
+  cpu_peak = {k: statistics.median(c) for k, (_, c) in samples.items()}
+  if not on_cpu:
+    peak["bfloat16"] = perf.device_peak_flops("bfloat16") / len(jax.devices())
+
+  print(f"# peak: float32 2048^2 matmul {peak['float32'] / 1e9:.1f} GFLOP/s "
+        f"({cpu_peak['float32'] / 1e9:.1f} GFLOP per CPU-second)"
+        + (f"; bf16 {'matmul' if on_cpu else 'vendor'} {peak['bfloat16'] / 1e9:.1f} GFLOP/s"
+           if "bfloat16" in peak else "")
+        + f"; load average {os.getloadavg()[0]:.1f}")
+  print(f"{'preset':7s} {'dtype':8s} {'params':>8s} {'GF/tok':>7s} {'s/step':>7s} {'tok/s':>8s} "
+        f"{'GFLOP/s':>8s} {'MFU':>6s} {'MFUbf16':>7s} {'cpu-s':>6s} {'MFUcpu':>6s} "
+        f"{'XLAmem':>7s} {'devpeak':>7s} {'maxRSS':>7s} {'compile':>7s}")
   for r in rows:
-    r["peak_flops_f32"] = peaks["float32"]
-    r["mfu"] = r["achieved_flops"] / peaks["float32"]
-    r["mfu_bf16"] = (r["achieved_flops"] / peaks["bfloat16"]
-                     if r["dtype"] == "bfloat16" and "bfloat16" in peaks else None)
-    mfu_bf16 = f"{100 * r['mfu_bf16']:6.1f}%" if r["mfu_bf16"] is not None else "      -"
-    print(f"{r['preset']:8s} {r['dtype']:8s} {r['params'] / 1e6:8.2f}M "
-          f"{r['flops_per_token'] / 1e9:9.4f} {r['step_s']:7.3f} {r['tokens_per_s']:8.0f} "
-          f"{r['achieved_flops'] / 1e9:8.1f} {100 * r['mfu']:5.1f}% {mfu_bf16} "
-          f"{r['xla_peak_mib']:7.0f}M {r['maxrss_mib']:7.0f}M {r['compile_s']:6.1f}s")
-  print("# MFU against the float32 peak; MFUbf16 against the bf16-input peak. XLApeak = "
-        "arguments + outputs + temporaries - aliased (compiled.memory_analysis); maxRSS = "
-        "process high-water mark so far.")
+    r["peak_flops_f32"] = peak["float32"]
+    r["mfu"] = r["achieved_flops"] / peak["float32"]
+    r["mfu_bf16"] = (r["achieved_flops"] / peak["bfloat16"]
+                     if r["dtype"] == "bfloat16" and "bfloat16" in peak else None)
+    work = r["flops_per_token"] * r["batch"] * r["seq_len"]
+    r["mfu_cpu"] = (work / r["cpu_s"] / cpu_peak.get(r["dtype"], cpu_peak["float32"])
+                    if on_cpu else None)
+    mib = lambda x: "      -" if x is None else f"{x:6.0f}M"
+    print(f"{r['preset']:7s} {r['dtype']:8s} {r['params'] / 1e6:7.2f}M "
+          f"{r['flops_per_token'] / 1e9:7.4f} {r['step_s']:7.3f} {r['tokens_per_s']:8.0f} "
+          f"{r['achieved_flops'] / 1e9:8.1f} {_fmt_pct(r['mfu'])} {_fmt_pct(r['mfu_bf16']):>7s} "
+          f"{r['cpu_s']:6.2f} {_fmt_pct(r['mfu_cpu'])} {mib(r['xla_peak_mib'])} "
+          f"{mib(r['device_peak_mib'])} {mib(r['maxrss_mib'])} {r['compile_s']:6.1f}s")
+  print("# MFU: against the float32 matmul peak. MFUbf16: against the bf16 peak. cpu-s: process "
+        "CPU seconds per step. MFUcpu: FLOPs per CPU-second against the matmul's (same dtype). "
+        "XLAmem: arguments + outputs + temporaries - donated (compiled.memory_analysis); "
+        "devpeak: the device allocator's peak (accelerators); maxRSS: process high-water mark.")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"peaks": peaks, "rows": rows}, f, indent=1)
+      json.dump({"peak": peak, "cpu_peak": cpu_peak, "rows": rows}, f, indent=1)
   return rows
 
 

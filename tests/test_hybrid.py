@@ -42,33 +42,32 @@ def head():
   return hybrid.build_maria(_model("denoiser", 2), _model("ar", 3, d_model=48, num_heads=3))
 
 
-def _tokens(seed, shape=(3, L)):
+def _tokens(seed, shape=(4, L)):  # one batch shape: shared compilations
   return jax.random.randint(jax.random.key(seed), shape, 0, V)
 
 
 # ---------------------------------------------------------------- KV-cached decoding
 
 
-@pytest.mark.parametrize("prompt_len", [1, 5])
-def test_cached_logits_equal_uncached_forward(ar_model, prompt_len):
+def test_cached_logits_equal_uncached_forward(ar_model):
   x = _tokens(0)
   full = _forward(ar_model, x)
-  cached = ar.cached_logits(ar_model, x, prompt_len=prompt_len)
+  cached = ar.cached_logits(ar_model, x, prompt_len=4)  # 4 prefilled, then 8 one-token steps
   assert cached.shape == full.shape
   np.testing.assert_allclose(cached, full, atol=2e-5, rtol=1e-5)
 
 
 def test_cached_logits_other_architecture():
   model = _model("ar", 4, mlp="swiglu", norm="rmsnorm", tie_embeddings=True)
-  x = _tokens(1, (2, L))
-  np.testing.assert_allclose(ar.cached_logits(model, x, prompt_len=3), model(x), atol=2e-5,
-                             rtol=1e-5)
+  x = _tokens(1)
+  np.testing.assert_allclose(ar.cached_logits(model, x, prompt_len=1), _forward(model, x),
+                             atol=2e-5, rtol=1e-5)
 
 
 def test_greedy_generate_equals_uncached_argmax_loop(ar_model):
-  prompt = _tokens(2, (2, 4))
+  prompt = _tokens(2, (4, 4))
   out = ar.generate(ar_model, jax.random.key(0), prompt, max_new_tokens=L - 4, temperature=0.0)
-  seq = np.zeros((2, L), np.int32)  # causal: the zeros after position n do not affect it
+  seq = np.zeros((4, L), np.int32)  # causal: the zeros after position n do not affect it
   seq[:, :4] = prompt
   for n in range(4, L):
     seq[:, n] = np.argmax(_forward(ar_model, seq)[:, n - 1], axis=-1)
@@ -80,7 +79,7 @@ def test_cache_shapes_are_static(ar_model):
   cache = ar.init_cache(ar_model, 2, L)
   expected = [(2, L, cfg.num_heads, cfg.head_dim)] * cfg.num_layers
   assert [k.shape for k in cache.k] == expected == [v.shape for v in cache.v]
-  cache, hidden = ar.prefill(ar_model, _tokens(3, (2, 5)), cache)
+  cache, hidden = jax.jit(lambda c, t: ar.prefill(ar_model, t, c))(cache, _tokens(3, (2, 5)))
   assert [k.shape for k in cache.k] == expected and hidden.shape == (2, 5, cfg.d_model)
   step = jax.jit(lambda c, t, p: ar.decode_step(ar_model, c, t, p))
   for pos in range(5, 8):  # one compilation serves every position (position is traced)
@@ -233,25 +232,23 @@ def test_initial_head_is_product_of_experts(head):
 
 
 def test_alignment_ar_state_i_minus_1_with_mlm_state_i(head):
-  """Handmade: x0 = [5, 7, 9, 11, ...], xt masks positions 1 and 3. The head at i must combine
-  the AR state after reading x0[:i] (computed on the truncated sequence alone) with the denoiser
-  state at i."""
-  x0 = jnp.array([[5, 7, 9, 11, 13, 15]])
-  xt = jnp.array([[5, V, 9, V, 13, 15]])
+  """Handmade: x0 = [5, 7, 9, ..., 27], xt masks positions 1, 3, 5 and 11. The head at i must
+  combine the AR state after reading x0[:i] (read from a sequence that agrees with x0 only before
+  i) with the denoiser state at i."""
+  x0 = jnp.tile(jnp.arange(5, 5 + 2 * L, 2)[None], (4, 1))
+  xt = x0.at[:, jnp.array([1, 3, 5, 11])].set(V)
   w = jax.random.normal(jax.random.key(0), head.w.shape)
   probe = hybrid.build_maria(head.denoiser, head.ar)
   probe.w[...] = w
   logits = _forward(probe, x0, xt)
   d_ar = head.ar.cfg.d_model
   h_mlm = _hidden(head.denoiser, xt)
-  for i in (1, 3, 5):
-    # The AR state after x0[:i], read from a sequence that differs from x0 from position i on.
-    prefix = x0.at[0, i:].set(30)
-    h_prefix = _hidden(head.ar, prefix)[0, i - 1]
+  for i in (1, 3, 5, 11):
+    h_prefix = _hidden(head.ar, x0.at[:, i:].set(30))[0, i - 1]
     expected = h_prefix @ w[:d_ar] + h_mlm[0, i] @ w[d_ar:]
     np.testing.assert_allclose(logits[0, i], expected, atol=1e-4, rtol=1e-4)
-  # Causality of the AR part: changing x0 at j leaves positions <= j untouched.
-  logits2 = _forward(probe, x0.at[0, 3].set(20), xt)
+  # Causality of the AR part: changing x0 at j = 3 leaves positions <= 3 untouched.
+  logits2 = _forward(probe, x0.at[:, 3].set(20), xt)
   np.testing.assert_allclose(logits2[0, :4], logits[0, :4], atol=1e-6)
   assert not np.allclose(logits2[0, 4], logits[0, 4], atol=1e-4)
 
@@ -262,7 +259,7 @@ def test_training_updates_w_only(head):
   w_before = np.array(head.w[...])
   optimizer = nnx.Optimizer(head, optax.adamw(1e-2, weight_decay=0.1), wrt=hybrid.TRAINABLE)
   schedule = schedules.get("loglinear")
-  batch = {"tokens": _tokens(8, (8, L))}
+  batch = {"tokens": _tokens(8)}
 
   @nnx.jit
   def step(head, optimizer, batch, key):
@@ -318,7 +315,7 @@ def test_backbone_gradients_are_zero(head):
         h, {"tokens": tokens}, jax.random.key(0), schedule=schedules.get("loglinear"),
         ratio=0.5).nll_sum_B.sum())(head)
 
-  grads = grad_all(head, _tokens(9, (2, L)))
+  grads = grad_all(head, _tokens(9))
   for leaf in jax.tree.leaves(nnx.state(grads, nnx.Not(hybrid.TRAINABLE))):
     assert not np.any(np.asarray(leaf))
   assert np.any(np.asarray(grads.w[...]))
@@ -344,31 +341,38 @@ def test_infill_keeps_given_tokens_and_fills_every_mask(head):
 
 
 def _reference_infill(head, xt, refresh_every=0):
-  """Greedy MARIA infilling without any cache: recompute both models from scratch per position."""
+  """Greedy MARIA infilling without any cache: both models recomputed from scratch for every
+  position. Refresh rule: after a position at which some row's fill count reaches a multiple of
+  k (exact per row for batch 1), unless no mask is left after it."""
   x = np.array(xt)
-  h_mlm_src = np.array(xt)
-  filled = 0
-  for i in range(x.shape[1]):
-    if xt[0, i] != V:
-      continue
-    logits = _forward(head, jnp.asarray(np.where(x == V, 0, x)), jnp.asarray(h_mlm_src))
-    x[0, i] = int(jnp.argmax(logits[0, i]))
-    filled += 1
-    if refresh_every and filled % refresh_every == 0:
-      h_mlm_src = x.copy()
+  src = np.array(xt)  # what the denoiser reads
+  filled = np.zeros(len(x), int)
+  positions = np.flatnonzero((xt == V).any(0))
+  for i in positions:
+    fill = xt[:, i] == V
+    logits = _forward(head, jnp.asarray(np.where(x == V, 0, x)), jnp.asarray(src))
+    x[fill, i] = np.asarray(jnp.argmax(logits[:, i], -1))[fill]
+    filled += fill
+    if refresh_every and (fill & (filled % refresh_every == 0)).any() and i < positions[-1]:
+      src = x.copy()
   return x
 
 
 @pytest.mark.parametrize("refresh_every", [0, 2])
 def test_greedy_cached_infill_equals_uncached_reference(head, refresh_every):
-  x0 = _tokens(12, (1, L))
+  x0 = _tokens(12)
   xt = np.array(_masked(x0, 13, 0.5))
   xt[0, 0] = V  # the first position masked too: no AR state there
+  xt[1, :3] = x0[1, :3]
   out, stats = hybrid.maria_infill(jax.random.key(0), head, jnp.asarray(xt), mask_id=V,
                                    temperature=0.0, refresh_every=refresh_every)
   np.testing.assert_array_equal(np.asarray(out), _reference_infill(head, xt, refresh_every))
-  n = int((xt == V).sum())
-  assert stats["denoiser_passes"] == 1 + (((n - 1) // refresh_every) if refresh_every else 0)
+  if refresh_every == 0:
+    assert stats["denoiser_passes"] == 1
+  single, stats = hybrid.maria_infill(jax.random.key(0), head, jnp.asarray(xt[:1]), mask_id=V,
+                                      temperature=0.0, refresh_every=2)
+  n = int((xt[0] == V).sum())
+  assert stats["denoiser_passes"] == 1 + (n - 1) // 2  # batch 1: a refresh every 2 fills
 
 
 def test_maria_refuses_mismatched_backbones():
@@ -421,11 +425,36 @@ def test_meap_objective_registered(ar_model):
   from mdlm import objectives
   ctx = objectives.Context(schedule=schedules.get("loglinear"), mask_id=V, bos_id=1,
                            meap_ratio=0.25)
-  tokens = np.array(_tokens(15, (2, L)), np.int32)
+  tokens = np.array(_tokens(15), np.int32)
   tokens[:, 0] = 1
-  batch = {"tokens": tokens, "token_mask": np.ones((2, L), bool)}
+  batch = {"tokens": tokens, "token_mask": np.ones((4, L), bool)}
   terms = nnx.jit(lambda m, b, k: objectives.get("meap")(m, b, k, ctx))(
       ar_model, batch, jax.random.key(0))
-  np.testing.assert_array_equal(terms.num_tokens_B, [L - 1, L - 1])
-  np.testing.assert_array_equal(terms.num_masked_B, [round(0.25 * (L - 2))] * 2)
+  np.testing.assert_array_equal(terms.num_tokens_B, [L - 1] * 4)
+  np.testing.assert_array_equal(terms.num_masked_B, [round(0.25 * (L - 2))] * 4)
   assert objectives.EVAL_OBJECTIVE["meap"] == "ar" and "maria" in objectives.OBJECTIVES
+
+
+class _CharTokenizer:
+  """A stand-in tokenizer over V ids: BOS 1, EOS 2, characters 3 + (ord % 30)."""
+
+  vocab_size, bos_id, eos_id, pad_id = V, 1, 2, 0
+
+  def encode(self, text):
+    return [3 + ord(c) % 30 for c in text]
+
+  def decode(self, ids):
+    return "".join(chr(97 + (i - 3) % 26) for i in ids if 3 <= i < V)
+
+
+def test_maria_plugs_into_the_infill_front_end(head):
+  from mdlm import sampling
+  # 10 template tokens + 2 appended masks = L: the compiled batch shape of the other tests.
+  results, stats = sampling.infill(jax.random.key(0), head, _CharTokenizer(), "ab[MASK*3]cd[MASK]e",
+                                   mask_id=V, num_samples=4, length=L, sampler="maria",
+                                   temperature=1.0, refresh_every=2)
+  assert stats["num_filled"] == 4 * 6 and stats["denoiser_passes"] >= 1
+  given = [1] + _CharTokenizer().encode("ab")
+  for r in results:
+    assert r["tokens"][:3] == given and len(r["fills"]) == 3
+    assert r["tokens"][6:8] == _CharTokenizer().encode("cd") and V not in r["tokens"]

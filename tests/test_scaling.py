@@ -124,6 +124,18 @@ def test_planner_tokens_times_6N_equals_budget_within_one_step(tmp_path):
   assert all(not j.flags for j in kept) and any("flagged" in s["reason"] for s in dropped)
 
 
+def test_planner_window_of_sizes_around_tokens_per_param(tmp_path):
+  recipe = _recipe(tmp_path, kinds=["ar"], budgets=[3e10, 3e11], sizes_per_budget=2,
+                   tokens_per_param=20)
+  jobs, _ = plan_sweep(recipe)
+  for budget in recipe.budgets:
+    ns = sorted(j.N for j in jobs if j.budget == budget)
+    target = math.sqrt(budget / (6 * 20))           # C = 6 N D with D = 20 N
+    assert len(ns) == 2 and ns[0] <= target * 2.5 and ns[1] >= target / 2.5, (ns, target)
+  assert sorted(j.N for j in jobs if j.budget == 3e10) < sorted(j.N for j in jobs
+                                                                  if j.budget == 3e11)
+
+
 def test_planner_refuses_bad_input(tmp_path):
   with pytest.raises(ValueError, match="smaller than one step of the smallest model"):
     plan_sweep(_recipe(tmp_path, budgets=[1e3]))
@@ -235,6 +247,12 @@ def test_collect_reports_finished_failed_half_done_and_missing(tmp_path):
   # Also found without the plan, by walking the sweep directory.
   walked = collect_mod.collect_runs([recipe.sweep_dir])
   assert sorted(r["status"] for r in walked) == ["failed", "finished", "running"]
+  # Training curves: every evaluation of every run, C = 6 N D at that point.
+  curves = collect_mod.read_curves(rows)
+  assert len(curves) == 4 and {c["loss"] for c in curves} == {4.0, 3.5, 4.2, 4.4}
+  assert all(c["C"] == 6 * c["N"] * c["D"] for c in curves)
+  back = collect_mod.read_curves_csv(collect_mod.write_curves_csv(curves, tmp_path / "c.csv"))
+  assert [c["loss"] for c in back] == [c["loss"] for c in curves]
   # CSV round trip, and only the finished run is fit material.
   path = collect_mod.write_csv(rows, tmp_path / "results.csv")
   back = collect_mod.read_csv(path)

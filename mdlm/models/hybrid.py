@@ -15,8 +15,10 @@ by construction).
 
 Training (`maria_loss`) feeds the AR model the clean sequence (teacher forcing) and the denoiser
 a masked copy, and scores cross-entropy at the masked positions. Only W is trained: it is the
-one `MariaWeight` variable, the optimiser is built on that filter (`TRAINABLE`), and the
-backbones' hidden states pass through stop_gradient.
+one `MariaWeight` variable (filter `TRAINABLE`, e.g. nnx.Optimizer(head, tx, wrt=TRAINABLE)); the
+trainer (objective=maria) wraps its optimizer with `freeze_backbones`, which gives the backbones
+exact zero updates; and the backbones' hidden states pass through stop_gradient, so their
+gradients are zero whatever the optimizer.
 
 Infilling (`maria_infill`): one denoiser pass over xt, then left-to-right AR decoding with the
 KV cache (mdlm.models.ar); at a masked position the token is drawn from the head, elsewhere the
@@ -25,7 +27,6 @@ given token is fed. Optionally the denoiser states are recomputed every k filled
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, NamedTuple
 
@@ -225,7 +226,7 @@ class InfillStats(NamedTuple):
   num_filled: jax.Array       # masked positions filled
 
 
-@functools.partial(nnx.jit)
+@nnx.jit
 def _infill(head: MariaHead, key, xt_BxL, token_mask_BxL, temperature, top_p, refresh_every):
   batch, length = xt_BxL.shape
   mask_id = head.mask_id

@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdlm import diffusion
 from mdlm.sampling import common, denoisers
 from mdlm.sampling import exact
 
@@ -116,12 +115,12 @@ def _fill(x_BxL, select_BxL, logits_BxLxV, final_B, bits_2xBxL, spec: Spec):
     idx_BxS = common.compact(select_BxL, rank_BxL, j * size, size)
     logits_BxSxV = common.gather_rows(logits_BxLxV, idx_BxS)
     b, s, v = logits_BxSxV.shape
-    masks_BxS = jnp.full((b, s), spec.mask_id, jnp.int32)
-    log_probs = diffusion.subs_log_probs(logits_BxSxV, masks_BxS, spec.mask_id).reshape(b * s, v)
-    bits_2xN = jnp.moveaxis(common.gather_rows(jnp.moveaxis(bits_2xBxL, 0, -1), idx_BxS), -1, 0)
-    drawn = exact.draw(log_probs, bits_2xN.reshape(2, b * s), temperature=spec.temperature,
-                             top_p=spec.top_p).reshape(b, s)
-    greedy = jnp.argmax(log_probs, axis=-1).astype(jnp.int32).reshape(b, s)
+    logits_NxV = exact.subs_logits(logits_BxSxV.reshape(b * s, v), spec.mask_id)
+    bits_2xN = jnp.stack([common.gather_rows(bits_2xBxL[0], idx_BxS),
+                          common.gather_rows(bits_2xBxL[1], idx_BxS)]).reshape(2, b * s)
+    drawn = exact.draw(logits_NxV, bits_2xN, temperature=spec.temperature,
+                       top_p=spec.top_p).reshape(b, s)
+    greedy = exact.argmax(logits_NxV).reshape(b, s)
     tokens_BxS = jnp.where(final_B[:, None], greedy, drawn)
     return common.scatter_rows(x, idx_BxS, tokens_BxS)
 

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdlm import diffusion
 from mdlm.sampling import common, denoisers
 from mdlm.sampling import exact
 
@@ -53,19 +52,18 @@ class Spec:
   remasking: str
 
 
-def _predict(log_probs_BxSxV, key, spec: Spec):
-  """Predicted tokens and their scores at a slab of positions."""
-  b, s, v = log_probs_BxSxV.shape
-  if spec.temperature == 0.0:
-    tokens = jnp.argmax(log_probs_BxSxV, axis=-1).astype(jnp.int32)
-  else:
-    bits = exact.uniform_bits(key, (b * s,))
-    tokens = exact.draw(log_probs_BxSxV.reshape(b * s, v), bits,
-                              temperature=spec.temperature, top_p=1.0).reshape(b, s)
+def _predict(logits_BxSxV, key, spec: Spec):
+  """Predicted tokens and their log-probabilities under the model at a slab of positions."""
+  b, s, v = logits_BxSxV.shape
+  logits_NxV = exact.subs_logits(logits_BxSxV.reshape(b * s, v), spec.mask_id)
+  bits = exact.uniform_bits(key, (b * s,)) if spec.temperature > 0 else None
+  tokens_N = exact.draw(logits_NxV, bits, temperature=spec.temperature, top_p=1.0)
   # The score is the untempered model probability of the prediction (as LLaDA), kept in log
   # space: monotone in the probability, so ranks and the tau comparison are unchanged.
-  log_conf = jnp.take_along_axis(log_probs_BxSxV, tokens[..., None], axis=-1)[..., 0]
-  return tokens, log_conf
+  top_N = jnp.max(logits_NxV, axis=-1)
+  log_norm_N = top_N + jnp.log(jnp.sum(jnp.exp(logits_NxV - top_N[:, None]), axis=-1))
+  chosen_N = jnp.take_along_axis(logits_NxV, tokens_N[:, None], axis=-1)[:, 0]
+  return tokens_N.reshape(b, s), (chosen_N - log_norm_N).reshape(b, s)
 
 
 def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
@@ -93,9 +91,7 @@ def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
       still_B = jnp.sum(x == spec.mask_id, axis=1)
       t_B = jnp.maximum(still_B / jnp.maximum(start_count_B, 1), 1e-5).astype(jnp.float32)
       logits_BxSxV = common.gather_rows(denoise(x, t_B), idx_BxS)
-      log_probs = diffusion.subs_log_probs(
-          logits_BxSxV, jnp.full(idx_BxS.shape, spec.mask_id, jnp.int32), spec.mask_id)
-      tokens_BxS, log_conf_BxS = _predict(log_probs, jax.random.fold_in(key, 2 * i), spec)
+      tokens_BxS, log_conf_BxS = _predict(logits_BxSxV, jax.random.fold_in(key, 2 * i), spec)
       if spec.remasking == "random":
         score_BxS = jax.random.uniform(jax.random.fold_in(key, 2 * i + 1), idx_BxS.shape)
       else:

@@ -134,11 +134,32 @@ def top_p_filter(logits_NxV, top_p: float) -> jax.Array:
   return jnp.where(probs >= threshold, logits_NxV, -jnp.inf)
 
 
-def draw(log_probs_NxV, bits_2xN, *, temperature: float, top_p: float) -> jax.Array:
-  """Token per row from log-probabilities with temperature (0 = argmax) and top-p."""
+def argmax(x_NxV) -> jax.Array:
+  """First index of the maximum along the last axis (int32), as jnp.argmax.
+
+  Written as max, compare and min: XLA:CPU lowers jnp.argmax to a (value, index) reduction that
+  is several times slower over a vocabulary.
+  """
+  top = jnp.max(x_NxV, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x_NxV.shape, x_NxV.ndim - 1)
+  return jnp.min(jnp.where(x_NxV == top, iota, x_NxV.shape[-1]), axis=-1)
+
+
+def subs_logits(logits_NxV, mask_id: int) -> jax.Array:
+  """SUBS at a masked position: the model never predicts the mask (its logit, if the output has
+  one, becomes -inf). Unmasked positions are never resampled, which is the carry-over half of
+  SUBS; mdlm.diffusion.subs_log_probs is the same rule normalized over whole sequences."""
+  logits_NxV = jnp.asarray(logits_NxV, jnp.float32)
+  if mask_id < logits_NxV.shape[-1]:
+    logits_NxV = logits_NxV.at[..., mask_id].set(-jnp.inf)
+  return logits_NxV
+
+
+def draw(logits_NxV, bits_2xN, *, temperature: float, top_p: float) -> jax.Array:
+  """Token per row from (SUBS) logits with temperature (0 = argmax) and top-p."""
   if temperature == 0.0:
-    return jnp.argmax(log_probs_NxV, axis=-1).astype(jnp.int32)
-  z = log_probs_NxV / temperature if temperature != 1.0 else log_probs_NxV
+    return argmax(logits_NxV)
+  z = logits_NxV / temperature if temperature != 1.0 else logits_NxV
   return inverse_cdf(top_p_filter(z, top_p), bits_2xN)
 
 

@@ -10,7 +10,8 @@ from mdlm.scaling.fit import EnvelopeFit, IsoFLOPFit, Multiplier, ParametricFit,
     chinchilla_grid, compute_multiplier, fit_envelope, fit_isoflop, fit_parametric, \
     fit_power_law, lower_envelope, parabola_vertex, summarize
 from mdlm.scaling.plan import Job, SweepRecipe, load_jobs, plan_sweep, write_plan
-from mdlm.scaling.collect import collect_runs, fit_rows, read_csv, read_curves, write_csv
+from mdlm.scaling.collect import collect_runs, fit_rows, read_csv, read_curves, \
+    read_curves_csv, write_csv, write_curves_csv
 
 __all__ = [
     "Family", "Size", "aspect_family", "explicit_family", "smdm_family", "smdm_non_embedding",
@@ -18,5 +19,5 @@ __all__ = [
     "chinchilla_grid", "compute_multiplier", "fit_envelope", "fit_isoflop", "fit_parametric",
     "fit_power_law", "lower_envelope", "parabola_vertex", "summarize", "Job", "SweepRecipe",
     "load_jobs", "plan_sweep", "write_plan", "collect_runs", "fit_rows", "read_csv", "read_curves",
-    "write_csv",
+    "read_curves_csv", "write_csv", "write_curves_csv",
 ]

@@ -2,8 +2,8 @@
 
   plan    RECIPE.yaml --out PLAN_DIR        IsoFLOP grid -> jobs.jsonl, jobs.csv, sweep.sh, hydra/
   launch  PLAN_DIR [--dry-run] [--hours H]  run unfinished jobs one by one (finished are skipped)
-  collect PLAN_DIR|SWEEP_DIR --out results.csv
-  fit     results.csv --out fits.json [--bootstrap 200] [--curves]
+  collect PLAN_DIR|SWEEP_DIR --out results.csv [--curves-out curves.csv]
+  fit     results.csv --out fits.json [--bootstrap 200] [--curves curves.csv]
   plot    results.csv fits.json --out STEM  (STEM.png and STEM.svg)
   all     PLAN_DIR --out RESULTS_DIR        collect + fit + plot
 """
@@ -64,10 +64,15 @@ def _launch(args):
 
 
 def _collect(args):
-  from mdlm.scaling.collect import collect_runs, status_counts, write_csv
+  from mdlm.scaling.collect import collect_runs, read_curves, status_counts, write_csv, \
+      write_curves_csv
   rows = collect_runs(args.paths)
   path = write_csv(rows, args.out)
   print(f"{len(rows)} runs -> {path}: {status_counts(rows)}")
+  if args.curves_out:
+    curves = read_curves(rows)
+    print(f"{len(curves)} evaluations along the training curves -> "
+          f"{write_curves_csv(curves, args.curves_out)}")
   for r in rows:
     if r["status"] != "finished":
       print(f"  {r['status']:12s} {r['job_id'] or r['run_dir']}: {(r['message'] or '')[:100]}")
@@ -77,7 +82,10 @@ def _fit(args):
   from mdlm.scaling.analyze import fit_sweep, format_summary, to_json
   from mdlm.scaling.collect import read_csv, read_curves
   rows = read_csv(args.table)
-  curves = read_curves(rows) if args.curves else None
+  curves = None
+  if args.curves:
+    from mdlm.scaling.collect import read_curves_csv
+    curves = read_curves_csv(args.curves) if args.curves != "runs" else read_curves(rows)
   grid = None
   if args.coarse_grid:
     from mdlm.scaling.fit import chinchilla_grid
@@ -107,9 +115,10 @@ def _plot(args):
 
 def _all(args):
   out = Path(args.out)
-  _collect(argparse.Namespace(paths=[args.plan], out=out / "results.csv"))
+  _collect(argparse.Namespace(paths=[args.plan], out=out / "results.csv",
+                              curves_out=out / "curves.csv"))
   _fit(argparse.Namespace(table=out / "results.csv", out=out / "fits.json",
-                          bootstrap=args.bootstrap, seed=0, ci=0.95, curves=True,
+                          bootstrap=args.bootstrap, seed=0, ci=0.95, curves=out / "curves.csv",
                           coarse_grid=args.coarse_grid, no_parametric=False))
   _plot(argparse.Namespace(table=out / "results.csv", fits=out / "fits.json",
                            out=out / "scaling", title=args.title))
@@ -138,6 +147,7 @@ def main(argv=None) -> int:
   s = sub.add_parser("collect", help="run directories -> results.csv")
   s.add_argument("paths", nargs="+", help="plan directories (jobs.jsonl) and/or sweep dirs")
   s.add_argument("--out", required=True)
+  s.add_argument("--curves-out", help="also write every evaluation event (for Approach 1)")
   s.set_defaults(fn=_collect)
   s = sub.add_parser("fit", help="results.csv -> fits.json (Approaches 1-3, multiplier)")
   s.add_argument("table")
@@ -145,8 +155,8 @@ def main(argv=None) -> int:
   s.add_argument("--bootstrap", type=int, default=200)
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--ci", type=float, default=0.95)
-  s.add_argument("--curves", action="store_true",
-                 help="Approach 1 over every evaluation of the training curves (reads metrics)")
+  s.add_argument("--curves", help="Approach 1 over every evaluation along the training curves: "
+                 "a curves CSV written by `collect --curves-out`, or 'runs' to read the run dirs")
   s.add_argument("--coarse-grid", action="store_true",
                  help="Approach 3 from every 7th start of the 4500-start grid")
   s.add_argument("--no-parametric", action="store_true")

@@ -302,3 +302,26 @@ def read_curves(rows: list[dict]) -> list[dict]:
                   "step": e.get("step"), "N": r["N"], "D": float(e["tokens"]),
                   "C": 6.0 * r["N"] * float(e["tokens"]), "loss": _nan(e["val/nll"])})
   return out
+
+
+CURVE_COLUMNS = ["family", "run_dir", "budget", "step", "N", "D", "C", "loss"]
+
+
+def write_curves_csv(curves: list[dict], path: str | Path) -> Path:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=CURVE_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for c in curves:
+      w.writerow({k: ("" if c.get(k) is None else c.get(k)) for k in CURVE_COLUMNS})
+  return path
+
+
+def read_curves_csv(path: str | Path) -> list[dict]:
+  out = []
+  with open(path, newline="") as f:
+    for raw in csv.DictReader(f):
+      out.append({k: (v if k in ("family", "run_dir") else
+                      (None if v == "" else float(v))) for k, v in raw.items()})
+  return out

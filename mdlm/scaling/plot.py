@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from mdlm.scaling.fit import IsoFLOPFit, ParametricFit, PowerLaw  # noqa: E402
 
@@ -69,6 +70,12 @@ def plot_isoflop(ax, rows: Sequence[dict], fit: IsoFLOPFit, *, title: str = "",
   ax.grid(alpha=0.3, which="both")
 
 
+def _plain_log_ticks(axis):
+  """Decimal labels on a log axis spanning less than a decade (e.g. losses 2.5 ... 3.5)."""
+  axis.set_major_formatter(ticker.FormatStrFormatter("%.2g"))
+  axis.set_minor_formatter(ticker.FormatStrFormatter("%.2g"))
+
+
 def _compute_range(fits: dict) -> np.ndarray:
   Cs = [b["C"] for f in fits.values() if isinstance(f, IsoFLOPFit) for b in f.budgets]
   lo, hi = (min(Cs), max(Cs)) if Cs else (1e18, 1e22)
@@ -99,6 +106,7 @@ def plot_frontier(ax, fits: dict[str, IsoFLOPFit], *, rows: Sequence[dict] = (),
               label=f"{name}: Approach 3")
   ax.set_xscale("log")
   ax.set_yscale("log")
+  _plain_log_ticks(ax.yaxis)
   ax.set_xlabel("training compute C = 6 N D (FLOPs)")
   ax.set_ylabel("loss (nats/token)")
   ax.set_title("Compute-optimal frontier")

@@ -3,10 +3,14 @@
   python experiments/bench_sampling.py [--preset tiny] [--vocab 4096] [--length 128]
       [--batches 1 8] [--multipliers 1 4 10] [--repeats 3] [--out results.json]
 
-For every batch size B and T = m L (m in --multipliers) it times, after a warm-up compile, the
-median over --repeats of one sampler call on B all-mask sequences of length L, and reports
-samples/s, tokens/s, the NFE, the time per NFE and its overhead over one bare jitted forward pass
-of the same batch (`denoise(x, t)` alone, timed as 20 passes in one compiled loop so that call
+For every batch size B and T = m L (m in --multipliers) it times, after a warm-up compile, one
+sampler call on B all-mask sequences of length L (median over --repeats), and reports samples/s,
+tokens/s, the NFE, the time per NFE and its overhead over one bare jitted forward pass of the
+same batch. Throughput columns are wall-clock medians. On a CPU backend the overhead is measured
+in CPU time of this process (time.process_time), which other users' load on a shared machine
+barely changes; on an accelerator in wall time:
+the median over repeats of (sampler CPU time / NFE) / (bare forward CPU time), with the bare
+forward timed right before the sampler in each repeat (`denoise(x, t)` alone, timed as 20 passes in one compiled loop so that call
 dispatch is excluded as it is inside a sampler; also a median). The ratio uncached / cached at T = 10 L is
 the cache speed-up. All timings of a run share the machine state; compare ratios within a run.
 Weights are random (throughput does not depend on them), the model is not time-conditioned.
@@ -39,14 +43,11 @@ def _forward_loop(denoise, x_BxL, t_B, count):
   return jax.lax.fori_loop(0, count, body, x_BxL)
 
 
-def median_time(fn, repeats):
-  out = jax.block_until_ready(fn())  # warm-up: compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)), out
+def timed(fn):
+  """(wall seconds, CPU seconds of this process, output) of one call."""
+  t0, c0 = time.perf_counter(), time.process_time()
+  out = jax.block_until_ready(fn())
+  return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def main():
@@ -69,18 +70,19 @@ def main():
   length, mask_id = args.length, model.mask_id
   forward = jax.jit(_forward_loop, static_argnames="count")
   device = jax.devices()[0].device_kind
+  on_cpu = jax.devices()[0].platform == "cpu"
+  clock = "CPU" if on_cpu else "wall"
   print(f"device: {device}; preset {args.preset} ({cfg.num_layers} layers, d={cfg.d_model}), "
         f"V={args.vocab}, L={length}, dtype {args.dtype}; medians of {args.repeats}")
-  print("| B | sampler | T | NFE | s/call | samples/s | tokens/s | ms/NFE | bare fwd ms | "
-        "overhead/NFE |")
+  print(f"| B | sampler | T | NFE | s/call | samples/s | tokens/s | ms/NFE | bare fwd {clock} ms | "
+        f"overhead/NFE ({clock}) |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   rows = []
+  loop = 20
   for batch in args.batches:
     xt = jnp.full((batch, length), mask_id, jnp.int32)
     t_B = jnp.full((batch,), 0.5)
-    loop = 20
-    bare, _ = median_time(lambda: forward(denoise, xt, t_B, count=loop), max(args.repeats, 5))
-    bare /= loop
+    bare_fn = lambda: forward(denoise, xt, t_B, count=loop)
     for mult in args.multipliers:
       steps = mult * length
       runs = {
@@ -91,16 +93,32 @@ def main():
           "confidence": lambda: confidence(jax.random.key(0), denoise, xt, steps=steps,
                                            mask_id=mask_id),
       }
-      for name, fn in runs.items():
-        seconds, (tokens, stats) = median_time(fn, args.repeats)
-        nfe = int(stats["nfe"])
+      timed(bare_fn)
+      nfe = {name: int(timed(fn)[2][1]["nfe"]) for name, fn in runs.items()}  # compile + NFE
+      # Interleave the bare forward with every sampler in each repeat, so that load changes on a
+      # shared machine hit both sides of each overhead ratio alike.
+      seconds = {name: [] for name in runs}
+      ratio = {name: [] for name in runs}
+      bares = []
+      for _ in range(args.repeats):
+        for name, fn in runs.items():
+          bare_wall, bare_cpu, _ = timed(bare_fn)
+          sec, cpu, _ = timed(fn)
+          # CPU time on a CPU backend; wall time on an accelerator (host CPU time is no measure).
+          bare, spent = (bare_cpu, cpu) if on_cpu else (bare_wall, sec)
+          bares.append(bare / loop)
+          seconds[name].append(sec)
+          ratio[name].append(spent / max(nfe[name], 1) / (bare / loop))
+      for name in runs:
+        sec = float(np.median(seconds[name]))
         row = {"device": device, "preset": args.preset, "batch": batch, "sampler": name,
-               "steps": steps, "nfe": nfe, "seconds": seconds,
-               "samples_per_s": batch / seconds, "tokens_per_s": batch * length / seconds,
-               "ms_per_nfe": 1e3 * seconds / max(nfe, 1), "bare_forward_ms": 1e3 * bare,
-               "overhead_per_nfe": seconds / max(nfe, 1) / bare - 1.0}
+               "steps": steps, "nfe": nfe[name], "seconds": sec,
+               "samples_per_s": batch / sec, "tokens_per_s": batch * length / sec,
+               "ms_per_nfe": 1e3 * sec / max(nfe[name], 1),
+               "bare_forward_ms": 1e3 * float(np.median(bares)), "clock": clock,
+               "overhead_per_nfe": float(np.median(ratio[name])) - 1.0}
         rows.append(row)
-        print(f"| {batch} | {name} | {mult}L={steps} | {nfe} | {seconds:.3f} | "
+        print(f"| {batch} | {name} | {mult}L={steps} | {nfe[name]} | {sec:.3f} | "
               f"{row['samples_per_s']:.2f} | {row['tokens_per_s']:.0f} | {row['ms_per_nfe']:.2f} | "
               f"{row['bare_forward_ms']:.2f} | {100 * row['overhead_per_nfe']:+.1f}% |", flush=True)
   print()

@@ -6,8 +6,9 @@ jitted with the parameters and optimizer state donated (nnx.split once, nnx.merg
 
 MFU = FLOPs/token x tokens/s / peak. FLOPs/token is presets.flops_per_token(...)["full"]
 (6 x matmul parameters, output head included, + 12 x layers x L x d for attention). The peak is
-measured in this script: a jitted 2048x2048 float32 matmul, median of repeats, sampled before and
-after the training steps. bfloat16 rows are also quoted against a bf16-input matmul peak
+measured in this script: a jitted 2048x2048 float32 matmul, the median of samples taken between
+the timed training steps (so both see the same machine load). bfloat16 rows are also quoted
+against a bf16-input matmul peak
 (column MFUbf16); on a GPU or TPU the bf16 column uses the vendor's dense bf16 peak instead
 (mdlm.perf), since a 2048^2 matmul does not saturate an accelerator.
 
@@ -60,20 +61,25 @@ def _time(fn, repeats):
   return wall, cpu
 
 
-def matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 20, calls: int = 4):
-  """(FLOP/s samples, FLOP per CPU-second samples) of a jitted size x size matmul.
+class MatmulPeak:
+  """Samples the FLOP/s (and FLOP per CPU-second) of a jitted size x size matmul.
 
   bf16 inputs accumulate in float32. Each sample times `calls` back-to-back matmuls.
   """
-  k1, k2 = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(k1, (size, size), jnp.float32).astype(dtype)
-  b = jax.random.normal(k2, (size, size), jnp.float32).astype(dtype)
-  f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-  for _ in range(3):
-    f(a, b).block_until_ready()
-  wall, cpu = _time(lambda: [f(a, b) for _ in range(calls)], repeats)
-  flops = calls * 2.0 * size**3
-  return [flops / t for t in wall], [flops / t for t in cpu]
+
+  def __init__(self, dtype: str = "float32", size: int = 2048, calls: int = 4):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    self.a = jax.random.normal(k1, (size, size), jnp.float32).astype(dtype)
+    self.b = jax.random.normal(k2, (size, size), jnp.float32).astype(dtype)
+    self.f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    self.flops, self.calls = calls * 2.0 * size**3, calls
+    for _ in range(3):
+      self.f(self.a, self.b).block_until_ready()
+
+  def sample(self, repeats: int = 1):
+    """([FLOP/s], [FLOP per CPU-second]), one entry per repeat."""
+    wall, cpu = _time(lambda: [self.f(self.a, self.b) for _ in range(self.calls)], repeats)
+    return [self.flops / t for t in wall], [self.flops / t for t in cpu]
 
 
 def make_train_step(model, schedule, *, lr=3e-4, weight_decay=0.01, clip=1.0):
@@ -102,7 +108,8 @@ def make_train_step(model, schedule, *, lr=3e-4, weight_decay=0.01, clip=1.0):
 
 
 def bench_one(preset: str, dtype: str, *, seq_len: int, batch: int, vocab: int, warmup: int,
-              repeats: int, attention_impl=None, seed: int = 0) -> dict:
+              repeats: int, peak_fn, attention_impl=None, seed: int = 0) -> dict:
+  """Times `repeats` training steps; peak_fn() -> (FLOP/s samples, FLOP/CPU-s samples)."""
   cfg = presets.get(preset, dtype=dtype, vocab_size=vocab, attention_impl=attention_impl,
                     max_seq_len=max(seq_len, presets.PRESETS[preset].max_seq_len))
   params, opt_state, step = make_train_step(build(cfg, seed=seed), schedules.get("loglinear"))
@@ -124,7 +131,15 @@ def bench_one(preset: str, dtype: str, *, seq_len: int, batch: int, vocab: int, 
 
   for _ in range(warmup):
     jax.block_until_ready(run())
-  wall, cpu = _time(run, repeats)
+  # Steps alternate with samples of the matmul peak, so that both see the same machine load.
+  wall, cpu, peak_wall, peak_cpu = [], [], [], []
+  for _ in range(repeats):
+    w, c = _time(run, 1)
+    wall += w
+    cpu += c
+    w, c = peak_fn()
+    peak_wall += w
+    peak_cpu += c
   loss_vals = [float(l) for l in losses]
   if not np.all(np.isfinite(loss_vals)):
     raise RuntimeError(f"non-finite loss in the benchmark: {loss_vals}")
@@ -143,6 +158,7 @@ def bench_one(preset: str, dtype: str, *, seq_len: int, batch: int, vocab: int, 
       "flops_per_token": flops_per_token,
       "step_s": step_s, "step_s_all": wall,
       "cpu_s": statistics.median(cpu), "cpu_s_all": cpu,
+      "peak_flops": statistics.median(peak_wall), "peak_flops_per_cpu_s": statistics.median(peak_cpu),
       "tokens_per_s": tokens_per_step / step_s,
       "achieved_flops": flops_per_token * tokens_per_step / step_s,
       "compile_s": compile_s,
@@ -184,54 +200,50 @@ def main(argv=None):
         f"{platform.machine()} x {os.cpu_count()} CPUs; L={args.seq_len} batch={args.batch} "
         f"V={args.vocab}; medians of {args.repeats} steps after {args.warmup} warm-up",
         flush=True)
-  samples = {"float32": matmul_peak("float32", repeats=args.peak_repeats)}
-  if "bfloat16" in args.dtypes and on_cpu:
-    samples["bfloat16"] = matmul_peak("bfloat16", repeats=args.peak_repeats)
+  f32_peak = MatmulPeak("float32")
+  bf16_peak = None
+  if "bfloat16" in args.dtypes:
+    if on_cpu:
+      bf16_peak = statistics.median(MatmulPeak("bfloat16").sample(args.peak_repeats)[0])
+    else:  # a 2048^2 matmul does not saturate an accelerator: use the vendor's figure
+      bf16_peak = perf.device_peak_flops("bfloat16") / len(jax.devices())
 
   rows = []
   for name in args.presets:
     for dtype in args.dtypes:
-      rows.append(bench_one(name, dtype, seq_len=args.seq_len, batch=args.batch,
-                            vocab=args.vocab, warmup=args.warmup, repeats=args.repeats,
-                            attention_impl=args.attention_impl))
-      print(f"#   {name}/{dtype}: {rows[-1]['step_s']:.3f} s/step", flush=True)
-  # The float32 peak is sampled again after the steps: on a shared machine the load drifts.
-  wall2, cpu2 = matmul_peak("float32", repeats=args.peak_repeats)
-  samples["float32"] = (samples["float32"][0] + wall2, samples["float32"][1] + cpu2)
-  peak = {k: statistics.median(w) for k, (w, _) in samples.items()}
-  cpu_peak = {k: statistics.median(c) for k, (_, c) in samples.items()}
-  if not on_cpu:
-    peak["bfloat16"] = perf.device_peak_flops("bfloat16") / len(jax.devices())
+      r = bench_one(name, dtype, seq_len=args.seq_len, batch=args.batch, vocab=args.vocab,
+                    warmup=args.warmup, repeats=args.repeats, attention_impl=args.attention_impl,
+                    peak_fn=lambda: f32_peak.sample(max(1, args.peak_repeats // args.repeats)))
+      work = r["flops_per_token"] * r["batch"] * r["seq_len"]
+      r["mfu"] = r["achieved_flops"] / r["peak_flops"]
+      r["mfu_bf16"] = r["achieved_flops"] / bf16_peak if dtype == "bfloat16" else None
+      r["mfu_cpu"] = work / r["cpu_s"] / r["peak_flops_per_cpu_s"] if on_cpu else None
+      rows.append(r)
+      print(f"#   {name}/{dtype}: {r['step_s']:.3f} s/step", flush=True)
 
-  print(f"# peak: float32 2048^2 matmul {peak['float32'] / 1e9:.1f} GFLOP/s "
-        f"({cpu_peak['float32'] / 1e9:.1f} GFLOP per CPU-second)"
-        + (f"; bf16 {'matmul' if on_cpu else 'vendor'} {peak['bfloat16'] / 1e9:.1f} GFLOP/s"
-           if "bfloat16" in peak else "")
+  print(f"# peak: float32 2048^2 matmul "
+        + ", ".join(f"{r['peak_flops'] / 1e9:.0f}" for r in rows) + " GFLOP/s during each row"
+        + (f"; bf16 {'matmul' if on_cpu else 'vendor'} {bf16_peak / 1e9:.0f} GFLOP/s"
+           if bf16_peak else "")
         + f"; load average {os.getloadavg()[0]:.1f}")
   print(f"{'preset':7s} {'dtype':8s} {'params':>8s} {'GF/tok':>7s} {'s/step':>7s} {'tok/s':>8s} "
         f"{'GFLOP/s':>8s} {'MFU':>6s} {'MFUbf16':>7s} {'cpu-s':>6s} {'MFUcpu':>6s} "
         f"{'XLAmem':>7s} {'devpeak':>7s} {'maxRSS':>7s} {'compile':>7s}")
+  mib = lambda x: "      -" if x is None else f"{x:6.0f}M"
   for r in rows:
-    r["peak_flops_f32"] = peak["float32"]
-    r["mfu"] = r["achieved_flops"] / peak["float32"]
-    r["mfu_bf16"] = (r["achieved_flops"] / peak["bfloat16"]
-                     if r["dtype"] == "bfloat16" and "bfloat16" in peak else None)
-    work = r["flops_per_token"] * r["batch"] * r["seq_len"]
-    r["mfu_cpu"] = (work / r["cpu_s"] / cpu_peak.get(r["dtype"], cpu_peak["float32"])
-                    if on_cpu else None)
-    mib = lambda x: "      -" if x is None else f"{x:6.0f}M"
     print(f"{r['preset']:7s} {r['dtype']:8s} {r['params'] / 1e6:7.2f}M "
           f"{r['flops_per_token'] / 1e9:7.4f} {r['step_s']:7.3f} {r['tokens_per_s']:8.0f} "
           f"{r['achieved_flops'] / 1e9:8.1f} {_fmt_pct(r['mfu'])} {_fmt_pct(r['mfu_bf16']):>7s} "
           f"{r['cpu_s']:6.2f} {_fmt_pct(r['mfu_cpu'])} {mib(r['xla_peak_mib'])} "
           f"{mib(r['device_peak_mib'])} {mib(r['maxrss_mib'])} {r['compile_s']:6.1f}s")
-  print("# MFU: against the float32 matmul peak. MFUbf16: against the bf16 peak. cpu-s: process "
-        "CPU seconds per step. MFUcpu: FLOPs per CPU-second against the matmul's (same dtype). "
-        "XLAmem: arguments + outputs + temporaries - donated (compiled.memory_analysis); "
-        "devpeak: the device allocator's peak (accelerators); maxRSS: process high-water mark.")
+  print("# MFU: against the float32 matmul peak sampled between the steps. MFUbf16: against the "
+        "bf16 peak. cpu-s: process CPU seconds per step. MFUcpu: FLOPs per CPU-second against "
+        "the float32 matmul's. XLAmem: arguments + outputs + temporaries - donated "
+        "(compiled.memory_analysis); devpeak: the device allocator's peak (accelerators); "
+        "maxRSS: process high-water mark.")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"peak": peak, "cpu_peak": cpu_peak, "rows": rows}, f, indent=1)
+      json.dump({"bf16_peak": bf16_peak, "rows": rows}, f, indent=1)
   return rows
 
 

@@ -64,7 +64,8 @@ def _train(args, name, overrides, tokenizer_from=None):
 
 
 def _model_overrides(args):
-  return [f"model.num_layers={args.layers}", f"model.d_model={args.width}",
+  return [f"tokenizer={args.tokenizer}", f"model.num_layers={args.layers}",
+          f"model.d_model={args.width}",
           f"model.num_heads={args.heads}", f"data.seq_len={args.seq_len}",
           f"model.max_seq_len={args.seq_len}", f"train.batch_size={args.batch}"]
 
@@ -78,7 +79,8 @@ def train_all(args):
   m_steps = [f"train.steps={args.maria_steps}", f"train.eval_every={args.maria_steps}",
              f"train.checkpoint_every={args.maria_steps}"]
   maria, c3 = _train(args, "maria", ["experiment=maria", f"train.maria_denoiser_run={den}",
-                                     f"train.maria_ar_run={ar}", f"data.seq_len={args.seq_len}",
+                                     f"train.maria_ar_run={ar}", f"tokenizer={args.tokenizer}",
+                                     f"data.seq_len={args.seq_len}",
                                      f"train.batch_size={args.batch}", *m_steps])
   return den, ar, maria, [c for c in (c1, c2, c3) if c]
 
@@ -281,9 +283,11 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", default=os.path.join(REPO, "runs", "hybrid_eval"))
   p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "hybrid"))
-  p.add_argument("--steps", type=int, default=240, help="backbone training steps")
+  p.add_argument("--steps", type=int, default=260, help="backbone training steps")
   p.add_argument("--maria-steps", type=int, default=200)
   p.add_argument("--max-minutes", type=float, default=8.0, help="wall cap per backbone run")
+  p.add_argument("--tokenizer", default="char",
+                 help="tokenizer preset (configs/tokenizer): char, byte or sentencepiece")
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--width", type=int, default=128)
   p.add_argument("--heads", type=int, default=4)
@@ -292,7 +296,7 @@ def main():
   p.add_argument("--eval-batch", type=int, default=64)
   p.add_argument("--eval-sequences", type=int, default=512)
   p.add_argument("--speed-batch", type=int, default=16)
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--skip-train", action="store_true")
   args = p.parse_args()

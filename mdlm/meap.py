@@ -5,7 +5,8 @@ a fraction p of the input tokens is replaced by the mask id; the targets stay th
 tokens, attention stays causal, inference is unchanged.
 
 Masking here (`meap_mask`) draws a fresh pattern for every sequence and masks exactly
-n_b = round(p * E_b) positions of row b, where E_b counts its eligible positions. A position i is
+n_b = round(p * E_b) positions of row b (halves rounded up), where E_b counts its eligible
+positions. A position i is
 eligible when
   - it is a real token (token_mask_i) and not BOS, and
   - its own next-token target exists (i < L - 1 and token_mask_{i+1}): masking the input of the
@@ -46,17 +47,25 @@ def eligible_positions(tokens_BxL, token_mask_BxL=None, *, bos_id: int | None):
   return eligible
 
 
+def mask_count(eligible, ratio: float):
+  """round(ratio * eligible), halves rounded up, in exact integer arithmetic (ratio taken to four
+  decimals): a float32 product would round 0.15 * 10 = 1.5000001 differently from 1.4999999."""
+  ratio_e4 = int(round(ratio * 10_000))
+  return (jnp.asarray(eligible, jnp.int32) * ratio_e4 + 5_000) // 10_000
+
+
 def meap_mask(key, tokens_BxL, token_mask_BxL=None, *, ratio: float, mask_id: int,
               bos_id: int | None):
-  """Returns (inputs_BxL, masked_BxL): tokens with exactly round(ratio * eligible_b) eligible
-  positions of each row b replaced by mask_id, a fresh uniformly random subset per row."""
+  """Returns (inputs_BxL, masked_BxL): tokens with exactly mask_count(eligible_b, ratio) =
+  round(ratio * eligible_b) eligible positions of each row b replaced by mask_id, a fresh
+  uniformly random subset per row."""
   if not 0.0 <= ratio < 1.0:
     raise ValueError(f"MEAP ratio must lie in [0, 1), got {ratio}.")
   tokens_BxL = jnp.asarray(tokens_BxL)
   if tokens_BxL.ndim != 2:
     raise ValueError(f"tokens must be [batch, length], got shape {tokens_BxL.shape}.")
   eligible_BxL = eligible_positions(tokens_BxL, token_mask_BxL, bos_id=bos_id)
-  count_Bx1 = jnp.round(ratio * jnp.sum(eligible_BxL, axis=1, keepdims=True)).astype(jnp.int32)
+  count_Bx1 = mask_count(jnp.sum(eligible_BxL, axis=1, keepdims=True), ratio)
   # Ineligible positions get score 2 > any uniform draw, so they rank after every eligible one.
   score_BxL = jnp.where(eligible_BxL, jax.random.uniform(key, tokens_BxL.shape), 2.0)
   rank_BxL = jnp.argsort(jnp.argsort(score_BxL, axis=1), axis=1)
@@ -104,7 +113,7 @@ def sft_examples(prompt: Sequence[int], response: Sequence[int], *, mask_id: int
 
   1. The ordinary example: prompt + response + EOS, labels on the response and EOS.
   2. If len(response) > min_response_len: a copy of prompt + response in which
-     max(1, round(ratio * n)) of the n response tokens (inside max_len) are replaced by mask_id,
+     max(1, mask_count(n, ratio)) of the n response tokens (inside max_len) are replaced by mask_id,
      with labels only at those positions (the clean tokens there), then EOS (no label).
   Sequences longer than max_len are cut to max_len tokens, the last one EOS.
   """
@@ -126,7 +135,7 @@ def sft_examples(prompt: Sequence[int], response: Sequence[int], *, mask_id: int
   if len(response) > min_response_len:
     copy = (prompt + response)[: limit - 1]
     positions = list(range(len(prompt), len(copy)))
-    count = max(1, int(np.round(ratio * len(positions))))
+    count = max(1, int(mask_count(len(positions), ratio)))
     chosen = sorted(rng.sample(positions, count))
     masked_inputs, masked_labels = list(copy), [IGNORE] * len(copy)
     for pos in chosen:

@@ -22,6 +22,11 @@ def _model(kind, seed, **overrides):
   return build(presets.get("tiny", **{**fields, **overrides}), seed=seed)
 
 
+def _abstract(kind, **overrides):
+  """Shapes only (for input checks that fail before any computation)."""
+  return nnx.eval_shape(lambda: _model(kind, 0, **overrides))
+
+
 @nnx.jit
 def _forward(model, *args):
   return model(*args)
@@ -38,8 +43,9 @@ def ar_model():
 
 
 @pytest.fixture(scope="module")
-def head():
-  return hybrid.build_maria(_model("denoiser", 2), _model("ar", 3, d_model=48, num_heads=3))
+def head(ar_model):
+  # Widths differ (48 vs 32) so a mix-up of the two halves of W cannot go unnoticed.
+  return hybrid.build_maria(_model("denoiser", 2, d_model=48, num_heads=3), ar_model)
 
 
 def _tokens(seed, shape=(4, L)):  # one batch shape: shared compilations
@@ -96,7 +102,7 @@ def test_prompt_longer_than_model_refused(ar_model):
   with pytest.raises(ValueError, match="max_seq_len"):
     ar.init_cache(ar_model, 1, L + 1)
   with pytest.raises(ValueError, match="causal"):
-    ar.generate(_model("denoiser", 0), jax.random.key(0), _tokens(0, (1, 2)), max_new_tokens=1)
+    ar.generate(_abstract("denoiser"), jax.random.key(0), _tokens(0, (1, 2)), max_new_tokens=1)
 
 
 def test_sample_logits_greedy_and_nucleus():
@@ -129,6 +135,14 @@ def _meap_batch():
   return tokens, mask
 
 
+def test_mask_count_rounds_exactly():
+  eligible = np.arange(0, 200)
+  for ratio in (0.05, 0.1, 0.15, 0.2, 0.5, 0.35):
+    expected = [(e * round(ratio * 100) + 50) // 100 for e in eligible]  # integers: exact
+    np.testing.assert_array_equal(meap.mask_count(eligible, ratio), expected)
+  assert int(meap.mask_count(10, 0.15)) == 2 and int(meap.mask_count(10, 0.05)) == 1
+
+
 @pytest.mark.parametrize("ratio", [0.05, 0.15, 0.5])
 def test_meap_masks_exact_count_never_bos_pad_last(ratio):
   tokens, mask = _meap_batch()
@@ -138,7 +152,7 @@ def test_meap_masks_exact_count_never_bos_pad_last(ratio):
   for b in range(tokens.shape[0]):
     eligible = [i for i in range(tokens.shape[1] - 1)
                 if mask[b, i] and mask[b, i + 1] and tokens[b, i] != 1]
-    assert masked[b].sum() == round(ratio * len(eligible))
+    assert masked[b].sum() == (len(eligible) * round(ratio * 100) + 50) // 100  # halves up
     assert set(np.flatnonzero(masked[b])) <= set(eligible)
   assert not masked[:, -1].any() and not masked[~mask].any() and not masked[tokens == 1].any()
   np.testing.assert_array_equal(inputs, np.where(masked, V, tokens))
@@ -186,7 +200,7 @@ def test_meap_sft_examples():
   assert plain.inputs == prompt + response + [2]
   assert plain.labels == [meap.IGNORE] * 4 + response + [2]
   positions = [i for i, t in enumerate(masked.inputs) if t == V + 100]
-  assert len(positions) == round(0.1 * 60) and min(positions) >= len(prompt)
+  assert len(positions) == 6 and min(positions) >= len(prompt)  # round(0.1 * 60)
   for i, (tok, lab) in enumerate(zip(masked.inputs, masked.labels)):
     if i in positions:
       assert lab == (prompt + response)[i]
@@ -202,7 +216,7 @@ def test_meap_sft_loss_counts_only_labels(ar_model):
   ex = meap.sft_examples(prompt, response, mask_id=V, eos_id=2, ratio=0.3, min_response_len=4)
   batch = meap.pad_examples(ex, L, pad_id=0)
   nll, count = nnx.jit(meap.sft_loss)(ar_model, batch)
-  assert count == (len(response) + 1) + round(0.3 * len(response))
+  assert count == (len(response) + 1) + 2  # + the masked copy's round(0.3 * 8) labels
   logits = nnx.jit(lambda m, t, k: m(t, token_mask_BxL=k))(ar_model, batch["tokens"],
                                                            batch["token_mask"])
   logp = np.asarray(jax.nn.log_softmax(logits))
@@ -222,7 +236,7 @@ def test_initial_head_is_product_of_experts(head):
   x0 = _tokens(6)
   xt = _masked(x0, 7)
   logits = _forward(head, x0, xt)
-  assert logits.shape == (3, L, V)  # V real tokens: no output for the mask
+  assert logits.shape == (4, L, V)  # V real tokens: no output for the mask
   ar_logits, mlm_logits = _forward(head.ar, x0), _forward(head.denoiser, xt)
   poe = (ar_logits[:, :-1] + mlm_logits[:, 1:]) / 2
   np.testing.assert_allclose(jax.nn.log_softmax(logits[:, 1:]), jax.nn.log_softmax(poe),
@@ -342,18 +356,16 @@ def test_infill_keeps_given_tokens_and_fills_every_mask(head):
 
 def _reference_infill(head, xt, refresh_every=0):
   """Greedy MARIA infilling without any cache: both models recomputed from scratch for every
-  position. Refresh rule: after a position at which some row's fill count reaches a multiple of
-  k (exact per row for batch 1), unless no mask is left after it."""
+  position. Refresh rule: after every k-th position at which some row fills a token, unless no
+  mask is left after it."""
   x = np.array(xt)
   src = np.array(xt)  # what the denoiser reads
-  filled = np.zeros(len(x), int)
   positions = np.flatnonzero((xt == V).any(0))
-  for i in positions:
+  for n, i in enumerate(positions, start=1):
     fill = xt[:, i] == V
     logits = _forward(head, jnp.asarray(np.where(x == V, 0, x)), jnp.asarray(src))
     x[fill, i] = np.asarray(jnp.argmax(logits[:, i], -1))[fill]
-    filled += fill
-    if refresh_every and (fill & (filled % refresh_every == 0)).any() and i < positions[-1]:
+    if refresh_every and n % refresh_every == 0 and i < positions[-1]:
       src = x.copy()
   return x
 
@@ -377,9 +389,9 @@ def test_greedy_cached_infill_equals_uncached_reference(head, refresh_every):
 
 def test_maria_refuses_mismatched_backbones():
   with pytest.raises(ValueError, match="tokenizer"):
-    hybrid.build_maria(_model("denoiser", 0), _model("ar", 0, vocab_size=V + 1))
+    hybrid.build_maria(_abstract("denoiser"), _abstract("ar", vocab_size=V + 1))
   with pytest.raises(ValueError, match="kind"):
-    hybrid.build_maria(_model("ar", 0), _model("ar", 1))
+    hybrid.build_maria(_abstract("ar"), _abstract("ar"))
 
 
 @pytest.mark.slow
@@ -431,7 +443,7 @@ def test_meap_objective_registered(ar_model):
   terms = nnx.jit(lambda m, b, k: objectives.get("meap")(m, b, k, ctx))(
       ar_model, batch, jax.random.key(0))
   np.testing.assert_array_equal(terms.num_tokens_B, [L - 1] * 4)
-  np.testing.assert_array_equal(terms.num_masked_B, [round(0.25 * (L - 2))] * 4)
+  np.testing.assert_array_equal(terms.num_masked_B, [3] * 4)  # round(0.25 * (L - 2) = 2.5) = 3
   assert objectives.EVAL_OBJECTIVE["meap"] == "ar" and "maria" in objectives.OBJECTIVES
 
 

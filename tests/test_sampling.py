@@ -3,7 +3,9 @@ confidence remasking, semi-autoregressive windows, guidance, text front end, met
 
 import dataclasses
 import itertools
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -568,3 +570,67 @@ def test_generative_perplexity_matches_direct_computation():
   assert got["num_tokens"] == count
   np.testing.assert_allclose(got["nll"], total / count, rtol=1e-5)
   np.testing.assert_allclose(got["gen_ppl"], math.exp(total / count), rtol=1e-5)
+
+
+# ---- the CLI and the notebooks (slow: they train tiny runs) -----------------------------------------
+
+
+@pytest.mark.slow
+def test_sample_cli_end_to_end(tmp_path):
+  from mdlm import train
+  from tests.helpers import run_python, tiny_config
+  run_dir, ar_dir = str(tmp_path / "den"), str(tmp_path / "ar")
+  train.run(tiny_config(steps=4), run_dir)
+  ar_cfg = tiny_config(steps=4)
+  ar_cfg.model = ar_cfg.model.replace(kind="ar")
+  train.run(ar_cfg, ar_dir)
+  out = str(tmp_path / "s.jsonl")
+  proc = run_python(["-m", "mdlm.sample", f"run={run_dir}", "num_samples=3", "batch_size=2",
+                     "sampler.steps=16", f"output={out}", f"evaluator={ar_dir}",
+                     'template="To be, [MASK*6] to be"'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in open(out)]
+  assert len(rows) == 3 and all(r["text"].startswith("To be, ") for r in rows)
+  assert all(len(r["tokens"]) == 1 + 7 + 6 + 6 for r in rows)  # BOS, "To be, ", fill, " to be"
+  summary = json.load(open(out + ".summary.json"))
+  assert summary["gen_ppl"] > 1 and summary["unigram_entropy"] > 0
+  assert "=== sample 2 ===" in proc.stdout
+  for args in (["sampler=confidence", "sampler.steps=8", 'prompt="KING"'],
+               ["sampler=semi_ar", "length=80", "sampler.steps=8"]):
+    proc = run_python(["-m", "mdlm.sample", f"run={run_dir}", "num_samples=2", f"output={out}"]
+                      + args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(l) for l in open(out)]
+    assert len(rows) == 2 and all(len(r["tokens"]) == (80 if "length=80" in args else 32)
+                                  for r in rows)
+  bad = run_python(["-m", "mdlm.sample", f"run={run_dir}", 'template="no marker"'])
+  assert bad.returncode != 0 and "no mask marker" in bad.stderr
+  bad = run_python(["-m", "mdlm.sample", f"run={run_dir}", "length=500"])
+  assert bad.returncode != 0 and "maximum sequence length" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sampling", "infilling"])
+def test_notebooks_execute(tmp_path, name):
+  """Runs a notebook end to end with tiny settings (20 training steps, few samples)."""
+  import nbformat
+  from nbclient import NotebookClient
+  from tests.helpers import REPO
+  path = os.path.join(REPO, "notebooks", f"{name}.ipynb")
+  nb = nbformat.read(path, as_version=4)
+  env = {"MDLM_NB_STEPS": "20", "MDLM_NB_SMALL": "1", "MDLM_NB_RUN_ROOT": str(tmp_path),
+         "JAX_PLATFORMS": "cpu"}
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    NotebookClient(nb, timeout=1200, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+  finally:
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if o.get("output_type") == "error"]
+  assert not errors

@@ -524,3 +524,16 @@ def test_parametric_full_grid_on_published_laws():
     assert fit.num_starts == 4500
     for k, v in truth.items():
       assert abs(fit.params[k] - v) / v < 1e-4
+
+
+@pytest.mark.slow
+def test_scaling_notebook_executes(tmp_path):
+  """notebooks/scaling_laws.ipynb runs top to bottom on the committed sweep results."""
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  nb = nbformat.read(REPO / "notebooks" / "scaling_laws.ipynb", as_version=4)
+  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if o.output_type == "error"]
+  assert not errors

@@ -22,9 +22,12 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 
 import numpy as np  # noqa: E402
 

@@ -129,16 +129,23 @@ def sample_logits(key, logits_BxV, temperature, top_p):
   logits = jnp.asarray(logits_BxV, jnp.float32)
   temperature = jnp.asarray(temperature, jnp.float32)
   top_p = jnp.asarray(top_p, jnp.float32)
-  greedy_B = jnp.argmax(logits, axis=-1)
-  scaled = logits / jnp.maximum(temperature, 1e-6)
-  probs = jax.nn.softmax(scaled, axis=-1)
-  sorted_desc = -jnp.sort(-probs, axis=-1)
-  # A sorted token is kept if the mass strictly before it is below top_p; the first always is.
-  kept = ((jnp.cumsum(sorted_desc, axis=-1) - sorted_desc) < top_p) | (top_p >= 1.0)
-  threshold_Bx1 = jnp.min(jnp.where(kept, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-  filtered = jnp.where(probs >= threshold_Bx1, scaled, -jnp.inf)
-  drawn_B = exact.inverse_cdf(filtered, exact.uniform_bits(key, logits.shape[:1]))
-  return jnp.where(temperature > 0, drawn_B, greedy_B).astype(jnp.int32)
+
+  def nucleus(scaled):
+    probs = jax.nn.softmax(scaled, axis=-1)
+    sorted_desc = -jnp.sort(-probs, axis=-1)
+    # A sorted token is kept if the mass strictly before it is below top_p; the first always is.
+    kept = (jnp.cumsum(sorted_desc, axis=-1) - sorted_desc) < top_p
+    threshold_Bx1 = jnp.min(jnp.where(kept, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(probs >= threshold_Bx1, scaled, -jnp.inf)
+
+  def draw(logits):
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    # lax.cond: the sort over V runs only when a nucleus is asked for.
+    filtered = jax.lax.cond(top_p < 1.0, nucleus, lambda z: z, scaled)
+    return exact.inverse_cdf(filtered, exact.uniform_bits(key, logits.shape[:1]))
+
+  greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.lax.cond(temperature > 0, draw, greedy, logits).astype(jnp.int32)
 
 
 def _check_prompt(model: Transformer, prompt_BxP, max_new_tokens: int):

@@ -247,7 +247,7 @@ def _infill(head: MariaHead, key, xt_BxL, token_mask_BxL, temperature, top_p, re
     return state[0] < stop
 
   def body(state):
-    pos, x_BxL, cache, h_prev, h_mlm, filled_B, refreshes = state
+    pos, x_BxL, cache, h_prev, h_mlm, filled_B, fill_steps, refreshes = state
     logits_BxV = head.combine(h_prev, jax.lax.dynamic_index_in_dim(h_mlm, pos, 1, False))
     drawn_B = ar_lib.sample_logits(jax.random.fold_in(key, pos), logits_BxV, temperature, top_p)
     fill_B = jax.lax.dynamic_index_in_dim(to_fill_BxL, pos, 1, False)
@@ -256,27 +256,35 @@ def _infill(head: MariaHead, key, xt_BxL, token_mask_BxL, temperature, top_p, re
     x_BxL = jax.lax.dynamic_update_index_in_dim(x_BxL, token_B, pos, 1)
     cache, h_new = ar_lib.decode_step(head.ar, cache, token_B, pos)
     filled_B = filled_B + fill_B
-    refresh = ((refresh_every > 0) & (pos + 1 < stop)
-               & jnp.any(fill_B & (filled_B % jnp.maximum(refresh_every, 1) == 0)))
+    # Steps that fill at least one token, counted over the batch: a refresh every k of them keeps
+    # every row's denoiser states at most k of its own fills old (exactly every k fills for one
+    # sequence), without the batch refreshing whenever any single row reaches a multiple of k.
+    filled_any = jnp.any(fill_B)
+    fill_steps = fill_steps + filled_any
+    refresh = ((refresh_every > 0) & (pos + 1 < stop) & filled_any
+               & (fill_steps % jnp.maximum(refresh_every, 1) == 0))
     h_mlm = jax.lax.cond(refresh, lambda: head.mlm_states(x_BxL, None, token_mask_BxL),
                          lambda: h_mlm)
-    return (pos + 1, x_BxL, cache, h_new.astype(jnp.float32), h_mlm, filled_B,
+    return (pos + 1, x_BxL, cache, h_new.astype(jnp.float32), h_mlm, filled_B, fill_steps,
             refreshes + refresh)
 
   init = (start, xt_BxL, cache, h_prev, h_mlm, jnp.zeros((batch,), jnp.int32),
-          jnp.zeros((), jnp.int32))
-  _, x_BxL, _, _, _, filled_B, refreshes = jax.lax.while_loop(cond, body, init)
+          jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+  _, x_BxL, _, _, _, filled_B, _, refreshes = jax.lax.while_loop(cond, body, init)
   stats = InfillStats(1 + refreshes, jnp.maximum(stop - start, 0), jnp.sum(filled_B))
   return x_BxL, stats
 
 
 def maria_infill(key, head: MariaHead, xt_BxL, *, mask_id: int, temperature: float = 1.0,
                  top_p: float = 1.0, refresh_every: int = 0, token_mask_BxL=None):
-  """Fills every mask of xt_BxL with the MARIA head; returns (tokens_BxL, stats dict).
+  """Fills every mask of xt_BxL with the MARIA head; returns (tokens_BxL, stats) with stats
+  {"denoiser_passes" (= "nfe"), "ar_steps", "num_filled"}.
 
   Given tokens (and padding, where token_mask_BxL is False) are copied unchanged. temperature 0 is
-  greedy. refresh_every = k > 0 recomputes the denoiser states after every k filled tokens (of
-  any row; exact per row for batch 1); 0 keeps the single initial pass.
+  greedy. refresh_every = k > 0 recomputes the denoiser states on the partly filled sequence
+  after every k decode steps that fill a token in some row (for one sequence: every k filled
+  tokens; in a batch, no row's states are more than k of its fills old); 0 keeps the single
+  initial pass.
   """
   if not isinstance(head, MariaHead):
     raise TypeError(f"expected a MariaHead, got {type(head).__name__}.")
@@ -301,4 +309,6 @@ def maria_infill(key, head: MariaHead, xt_BxL, *, mask_id: int, temperature: flo
     raise ValueError(f"token_mask shape {mask.shape} differs from xt shape {xt.shape}.")
   tokens, stats = _infill(head, key, xt.astype(jnp.int32), mask, jnp.float32(temperature),
                           jnp.float32(top_p), jnp.int32(refresh_every))
-  return tokens, {k: int(v) for k, v in stats._asdict().items()}
+  out = {k: int(v) for k, v in stats._asdict().items()}
+  out["nfe"] = out["denoiser_passes"]  # the samplers' name for denoiser calls
+  return tokens, out

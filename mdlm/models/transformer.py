@@ -40,6 +40,8 @@ def dense(x, w, in_ndim: int = 1, preferred_element_type=None):
   The operands are flattened to [tokens, fan_in] @ [fan_in, fan_out] (free reshapes) so that the
   backward pass is two plain GEMMs: with a 3-D einsum the weight gradient contracts over
   (batch, length) and XLA's CPU backend then materialises transposed copies of the activations.
+  Flattening w's output axes keeps a sharded axis partitioned only if it is the major one, so
+  callers pass one (fan_in, heads, head_dim) or (fan_in, mlp) slice at a time.
   """
   lead, fan_in = x.shape[: x.ndim - in_ndim], x.shape[x.ndim - in_ndim:]
   out = w.shape[in_ndim:]
@@ -92,8 +94,10 @@ class Attention(nnx.Module):
 
   def qkv(self, x_BxLxD, positions_L):
     dtype = x_BxLxD.dtype
-    qkv_BxLx3xNxH = dense(x_BxLxD, self.w_qkv[...].astype(dtype))
-    q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
+    # One GEMM per projection: flattening (3, n, h) into one output dimension would put the
+    # (tensor-sharded) heads axis inside it and force a resharding of the weight.
+    w_Dx3xNxH = self.w_qkv[...].astype(dtype)
+    q, k, v = (dense(x_BxLxD, w_Dx3xNxH[:, i]) for i in range(3))
     theta = self.cfg.rope_theta
     return rotary(q, positions_L, theta), rotary(k, positions_L, theta), v
 
@@ -121,8 +125,9 @@ class FeedForward(nnx.Module):
   def __call__(self, x_BxLxD):
     dtype = x_BxLxD.dtype
     if self.kind == "swiglu":
-      gate_up = dense(x_BxLxD, self.w_in[...].astype(dtype))
-      h = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+      # Two GEMMs rather than one over the flattened (2, f): see Attention.qkv.
+      w_Dx2xF = self.w_in[...].astype(dtype)
+      h = jax.nn.silu(dense(x_BxLxD, w_Dx2xF[:, 0])) * dense(x_BxLxD, w_Dx2xF[:, 1])
     else:
       h = jax.nn.gelu(dense(x_BxLxD, self.w_in[...].astype(dtype)), approximate=True)
     return dense(h, self.w_out[...].astype(dtype))

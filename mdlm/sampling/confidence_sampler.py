@@ -56,13 +56,16 @@ def _predict(logits_BxSxV, key, spec: Spec):
   """Predicted tokens and their log-probabilities under the model at a slab of positions."""
   b, s, v = logits_BxSxV.shape
   logits_NxV = exact.subs_logits(logits_BxSxV.reshape(b * s, v), spec.mask_id)
-  bits = exact.uniform_bits(key, (b * s,)) if spec.temperature > 0 else None
-  tokens_N = exact.draw(logits_NxV, bits, temperature=spec.temperature, top_p=1.0)
-  # The score is the untempered model probability of the prediction (as LLaDA), kept in log
-  # space: monotone in the probability, so ranks and the tau comparison are unchanged.
   top_N = jnp.max(logits_NxV, axis=-1)
   log_norm_N = top_N + jnp.log(jnp.sum(jnp.exp(logits_NxV - top_N[:, None]), axis=-1))
-  chosen_N = jnp.take_along_axis(logits_NxV, tokens_N[:, None], axis=-1)[:, 0]
+  # The score is the untempered model probability of the prediction (as LLaDA), kept in log
+  # space: monotone in the probability, so ranks and the tau comparison are unchanged.
+  if spec.temperature == 0.0:
+    tokens_N, chosen_N = exact.argmax(logits_NxV), top_N
+  else:
+    bits = exact.uniform_bits(key, (b * s,))
+    tokens_N = exact.draw(logits_NxV, bits, temperature=spec.temperature, top_p=1.0)
+    chosen_N = jnp.take_along_axis(logits_NxV, tokens_N[:, None], axis=-1)[:, 0]
   return tokens_N.reshape(b, s), (chosen_N - log_norm_N).reshape(b, s)
 
 

@@ -151,13 +151,11 @@ class _Static:
     self.treedef, self.leaves = treedef, leaves
 
   def __hash__(self):
-    return hash((self.treedef, tuple(id(l) if l is _ARRAY else l for l in self.leaves)))
+    return hash((self.treedef, self.leaves))
 
   def __eq__(self, other):
     return (isinstance(other, _Static) and self.treedef == other.treedef
-            and len(self.leaves) == len(other.leaves)
-            and all((a is b) or (a is not _ARRAY and b is not _ARRAY and a == b)
-                    for a, b in zip(self.leaves, other.leaves)))
+            and self.leaves == other.leaves)
 
 
 def _is_array(leaf: Any) -> bool:

@@ -44,21 +44,24 @@ def unigram_entropy(tokens_NxL, *, ignore: Iterable[int] = ()) -> dict:
   return {"mean": float(np.mean(values)), "per_sample": values}
 
 
+@jax.jit(static_argnames="graph")
+def _score(graph, state, tokens_BxL, mask_BxL):
+  """(sum of next-token NLL, count) over the real positions of a batch."""
+  logits = nnx.merge(graph.graphdef, state)(tokens_BxL)
+  nll_BxL1 = diffusion.ar_nll(logits, tokens_BxL, mask_BxL)
+  counted = mask_BxL[:, 1:] & mask_BxL[:, :-1]
+  return jnp.sum(jnp.where(counted, nll_BxL1, 0.0)), jnp.sum(counted)
+
+
 def _scorer(model):
-  """A jitted (state, tokens, mask) -> (sum NLL, count) for an AR model."""
+  """tokens, mask -> (sum NLL, count) for an AR model; compiled once per architecture."""
+  from mdlm.sampling.denoisers import _GraphKey
   if model.cfg.kind != "ar":
     raise ValueError(f"the generative-perplexity evaluator must be an AR model (kind 'ar'); got "
                      f"kind {model.cfg.kind!r}.")
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def score(state, tokens_BxL, mask_BxL):
-    logits = nnx.merge(graphdef, state)(tokens_BxL)
-    nll_BxL1 = diffusion.ar_nll(logits, tokens_BxL, mask_BxL)
-    counted = mask_BxL[:, 1:] & mask_BxL[:, :-1]
-    return jnp.sum(jnp.where(counted, nll_BxL1, 0.0)), jnp.sum(counted)
-
-  return lambda tokens, mask: score(state, tokens, mask)
+  graph = _GraphKey(graphdef, repr(model.cfg))
+  return lambda tokens, mask: _score(graph, state, tokens, mask)
 
 
 def _chunks(seqs: Sequence[Sequence[int]], context: int, pad_id: int):

@@ -12,7 +12,6 @@ import dataclasses
 import re
 from typing import Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

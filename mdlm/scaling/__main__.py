@@ -102,6 +102,8 @@ def _fit(args):
 
 
 def _plot(args):
+  import matplotlib
+  matplotlib.use("Agg")  # files only; a notebook keeps its inline backend
   from mdlm.scaling.analyze import load_json
   from mdlm.scaling.collect import read_csv
   from mdlm.scaling.plot import plot_sweep

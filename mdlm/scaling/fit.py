@@ -135,11 +135,13 @@ class PowerLaw:
 
   def __call__(self, x, replicate: Optional[int] = None):
     k, p = self._params(replicate)
-    return k * np.asarray(x, dtype=np.float64) ** p
+    with np.errstate(over="ignore", invalid="ignore"):
+      return k * np.asarray(x, dtype=np.float64) ** p
 
   def inverse(self, y, replicate: Optional[int] = None):
     k, p = self._params(replicate)
-    return (np.asarray(y, dtype=np.float64) / k) ** (1.0 / p)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+      return (np.asarray(y, dtype=np.float64) / k) ** (1.0 / p)
 
   @property
   def num_replicates(self) -> int:
@@ -172,7 +174,8 @@ def _loglog(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
   if np.ptp(lx) == 0:
     raise ValueError("a power law needs at least two distinct x values")
   slope, intercept = np.polyfit(lx, ly, 1)
-  return float(np.exp(intercept)), float(slope)
+  with np.errstate(over="ignore"):  # a wild bootstrap replicate may overflow to inf
+    return float(np.exp(intercept)), float(slope)
 
 
 def fit_power_law(x, y, *, bootstrap: int = 0, seed: int = 0, ci: float = 0.95) -> PowerLaw:

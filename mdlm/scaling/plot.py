@@ -13,14 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import ticker
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import ticker  # noqa: E402
-
-from mdlm.scaling.fit import IsoFLOPFit, ParametricFit, PowerLaw  # noqa: E402
+from mdlm.scaling.fit import IsoFLOPFit, ParametricFit, PowerLaw
 
 FAMILY_COLORS = {"mdlm": "tab:blue", "ar": "tab:orange"}
 
@@ -116,6 +113,7 @@ def plot_frontier(ax, fits: dict[str, IsoFLOPFit], *, rows: Sequence[dict] = (),
 
 def plot_optimal_size(ax, fits: dict[str, IsoFLOPFit], *, level: float = 0.95):
   C = _compute_range(fits)
+  vertices = [b["N_opt"] for f in fits.values() for b in f.budgets if b["convex"]]
   for name, fit in fits.items():
     color = FAMILY_COLORS.get(name, None)
     ok = [b for b in fit.budgets if b["convex"]]
@@ -128,6 +126,8 @@ def plot_optimal_size(ax, fits: dict[str, IsoFLOPFit], *, level: float = 0.95):
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("training compute C (FLOPs)")
+  if vertices:  # wide bootstrap intervals should not squash the estimates into a line
+    ax.set_ylim(min(vertices) / 10, max(vertices) * 10)
   ax.set_ylabel("compute-optimal N")
   ax.set_title("Optimal model size")
   ax.legend(fontsize=7)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# IsoFLOP sweep 'cpu': 24 jobs. Run from the repository root.
+# IsoFLOP sweep 'cpu': 30 jobs. Run from the repository root.
 # Preferred locally: python -m mdlm.scaling launch experiments/scaling/cpu/plan
 # (sequential, skips finished runs). The same jobs as a Hydra multirun:
 # SLURM (not installed here): pip install hydra-submitit-launcher, then append e.g.
@@ -12,7 +12,7 @@ set -euo pipefail
 
 python -m mdlm.train -m \
   'hydra.searchpath=[file://experiments/scaling/cpu/plan/hydra]' \
-  +scaling_job=mdlm-C1.2e11-L1-d32-s0,mdlm-C1.2e11-L2-d32-s0,mdlm-C1.2e11-L2-d48-s0,mdlm-C1.2e11-L2-d64-s0,mdlm-C3.6e11-L1-d32-s0,mdlm-C3.6e11-L2-d32-s0,mdlm-C3.6e11-L2-d48-s0,mdlm-C3.6e11-L2-d64-s0,mdlm-C1.08e12-L2-d32-s0,mdlm-C1.08e12-L2-d48-s0,mdlm-C1.08e12-L2-d64-s0,mdlm-C1.08e12-L3-d80-s0 \
+  +scaling_job=mdlm-C1.2e11-L1-d16-s0,mdlm-C1.2e11-L1-d32-s0,mdlm-C1.2e11-L2-d32-s0,mdlm-C1.2e11-L2-d48-s0,mdlm-C1.2e11-L2-d64-s0,mdlm-C3.6e11-L1-d16-s0,mdlm-C3.6e11-L1-d32-s0,mdlm-C3.6e11-L2-d32-s0,mdlm-C3.6e11-L2-d48-s0,mdlm-C3.6e11-L2-d64-s0,mdlm-C1.08e12-L1-d32-s0,mdlm-C1.08e12-L2-d32-s0,mdlm-C1.08e12-L2-d48-s0,mdlm-C1.08e12-L2-d64-s0,mdlm-C1.08e12-L3-d80-s0 \
   hydra.sweep.dir=runs/scaling/cpu/hydra/mdlm \
   'hydra.sweep.subdir=${hydra.job.num}' \
   tokenizer=char \
@@ -26,7 +26,7 @@ python -m mdlm.train -m \
 
 python -m mdlm.train -m \
   'hydra.searchpath=[file://experiments/scaling/cpu/plan/hydra]' \
-  +scaling_job=ar-C1.2e11-L1-d32-s0,ar-C1.2e11-L2-d32-s0,ar-C1.2e11-L2-d48-s0,ar-C1.2e11-L2-d64-s0,ar-C3.6e11-L1-d32-s0,ar-C3.6e11-L2-d32-s0,ar-C3.6e11-L2-d48-s0,ar-C3.6e11-L2-d64-s0,ar-C1.08e12-L2-d32-s0,ar-C1.08e12-L2-d48-s0,ar-C1.08e12-L2-d64-s0,ar-C1.08e12-L3-d80-s0 \
+  +scaling_job=ar-C1.2e11-L1-d16-s0,ar-C1.2e11-L1-d32-s0,ar-C1.2e11-L2-d32-s0,ar-C1.2e11-L2-d48-s0,ar-C1.2e11-L2-d64-s0,ar-C3.6e11-L1-d16-s0,ar-C3.6e11-L1-d32-s0,ar-C3.6e11-L2-d32-s0,ar-C3.6e11-L2-d48-s0,ar-C3.6e11-L2-d64-s0,ar-C1.08e12-L1-d32-s0,ar-C1.08e12-L2-d32-s0,ar-C1.08e12-L2-d48-s0,ar-C1.08e12-L2-d64-s0,ar-C1.08e12-L3-d80-s0 \
   hydra.sweep.dir=runs/scaling/cpu/hydra/ar \
   'hydra.sweep.subdir=${hydra.job.num}' \
   tokenizer=char \

@@ -1,0 +1,104 @@
+"""Typed configuration of `python -m mdlm.sample` (YAML presets in configs/sampler/ set values)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+SAMPLERS = ("ancestral", "confidence", "semi_ar")
+
+
+@dataclass
+class SamplerConfig:
+  """One sampler and its settings; fields a sampler does not use are ignored by it.
+
+  name: "ancestral" (MDLM, cached by default), "confidence" (LLaDA / Fast-dLLM) or "semi_ar"
+    (windows of `window` tokens, `stride` new tokens each, filled by `inner`).
+  steps: T for ancestral (per window for semi_ar), the step budget for confidence.
+  guidance: unsupervised CFG weight w (SMDM) on the prompt / template tokens; 0 = off.
+  """
+
+  name: str = "ancestral"
+  steps: int = 128
+  cache: bool = True
+  temperature: float = 1.0
+  top_p: float = 1.0
+  grid: str = "uniform"
+  t_end: float = 1e-5
+  block_length: Optional[int] = None
+  threshold: Optional[float] = None
+  remasking: str = "low_confidence"
+  window: Optional[int] = None     # semi_ar: default = the model's maximum length
+  stride: Optional[int] = None     # semi_ar: default = window // 2
+  inner: str = "ancestral"         # semi_ar: the sampler filling each window
+  guidance: float = 0.0
+
+  def settings(self, schedule, mask_id: int) -> dict[str, Any]:
+    """Keyword arguments for mdlm.sampling.run_sampler."""
+    inner = self.inner if self.name == "semi_ar" else self.name
+    if inner == "ancestral":
+      kw = dict(steps=self.steps, schedule=schedule, cache=self.cache,
+                temperature=self.temperature, top_p=self.top_p, grid=self.grid, t_end=self.t_end)
+    elif inner == "confidence":
+      kw = dict(steps=self.steps, block_length=self.block_length, threshold=self.threshold,
+                temperature=self.temperature, remasking=self.remasking)
+    else:
+      raise ValueError(f"sampler.inner={self.inner!r}; choose ancestral or confidence.")
+    kw["mask_id"] = mask_id
+    if self.name == "semi_ar":
+      kw.update(inner=self.inner, window=self.window, stride=self.stride)
+    return kw
+
+
+@dataclass
+class SampleConfig:
+  """run: a run directory or one of its checkpoint step directories (required).
+  length: tokens per sample (default: the run's data.seq_len; beyond the model's maximum only
+    with sampler=semi_ar). prompt: text after BOS to continue; template: text with [MASK] /
+    [MASK*n] markers to fill (quote it for Hydra: 'template="The [MASK*5] of Denmark"').
+  output: JSON Lines file (default <run>/samples/<sampler>-seed<seed>.jsonl).
+  evaluator: an AR run directory for generative perplexity (optional).
+  """
+
+  run: str = "???"
+  step: Optional[int] = None
+  ema: bool = True
+  sampler: SamplerConfig = field(default_factory=SamplerConfig)
+  num_samples: int = 8
+  batch_size: int = 8
+  length: Optional[int] = None
+  prompt: Optional[str] = None
+  template: Optional[str] = None
+  add_bos: bool = True
+  seed: int = 0
+  output: Optional[str] = None
+  evaluator: Optional[str] = None
+  print_samples: bool = True
+  progress: bool = True
+
+
+def validate(cfg: SampleConfig) -> SampleConfig:
+  s = cfg.sampler
+
+  def check(ok, msg):
+    if not ok:
+      raise ValueError(f"Invalid sampling config: {msg}")
+
+  check(cfg.run not in (None, "", "???"), "run=<run directory or checkpoint> is required")
+  check(s.name in SAMPLERS, f"sampler.name={s.name!r}; choose one of {SAMPLERS}")
+  check(s.steps >= 1, f"sampler.steps={s.steps} must be >= 1")
+  check(cfg.num_samples >= 1 and cfg.batch_size >= 1, "num_samples and batch_size must be >= 1")
+  check(cfg.length is None or cfg.length >= 1, f"length={cfg.length} must be >= 1")
+  check(not (cfg.prompt and cfg.template), "give either prompt or template, not both")
+  check(s.guidance == 0.0 or cfg.prompt or cfg.template,
+        "sampler.guidance needs a prompt or template (the tokens it guides on)")
+  check(s.guidance == 0.0 or s.name != "semi_ar", "guidance is not supported with semi_ar")
+  return cfg
+
+
+def register_configs() -> None:
+  from hydra.core.config_store import ConfigStore
+  cs = ConfigStore.instance()
+  cs.store(name="base_sample", node=SampleConfig)
+  cs.store(group="sampler", name="base_sampler", node=SamplerConfig)
+

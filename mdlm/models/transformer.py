@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mdlm.models.config import ModelConfig
@@ -250,7 +251,8 @@ class Transformer(nnx.Module):
           f"Sequence length {length} exceeds the model's max_seq_len={self.cfg.max_seq_len}; "
           "shorten data.seq_len or build the model with a larger max_seq_len.")
     if not isinstance(tokens_BxL, jax.core.Tracer) and tokens_BxL.size:
-      lo, hi = int(tokens_BxL.min()), int(tokens_BxL.max())
+      host = np.asarray(tokens_BxL)  # numpy: no trace even when closed over inside jit
+      lo, hi = int(host.min()), int(host.max())
       if lo < 0 or hi > self.cfg.vocab_size:
         raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}] (V real tokens + the "
                          f"mask); got ids in [{lo}, {hi}].")

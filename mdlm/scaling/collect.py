@@ -26,7 +26,8 @@ COLUMNS = [
     "job_id", "family", "kind", "size", "num_layers", "d_model", "num_heads", "d_ff", "seed",
     "N", "N_total", "budget", "steps_planned", "step", "steps", "tokens", "D", "C", "C_full",
     "final_val_loss", "final_val_stderr", "final_val_step", "best_val_loss", "best_val_step",
-    "final_train_loss", "num_evals", "wall_time", "status", "complete", "message", "run_dir",
+    "final_train_loss", "num_evals", "wall_time", "launch_seconds", "attempts", "status",
+    "complete", "message", "run_dir",
 ]
 
 STATES = ("finished", "failed", "running", "interrupted", "not_started", "unknown")
@@ -152,6 +153,11 @@ def read_run(run_dir: str | Path, job: Optional[Job] = None) -> dict:
   else:
     row["status"] = "unknown"
     row["message"] = row["message"] or "no status.json (the trainer never started or was killed)"
+  if launch is not None:
+    # Wall time of every launcher attempt (start-up and compilation included); the trainer's
+    # own wall_time covers its last session only.
+    row["launch_seconds"] = launch.get("total_seconds", launch.get("seconds"))
+    row["attempts"] = launch.get("attempts", 1)
   if launch is not None and launch.get("returncode") not in (0, None) and row["status"] in (
       "not_started", "unknown", "running"):
     row["status"] = "failed"
@@ -261,7 +267,7 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
 
 
 _INT = {"num_layers", "d_model", "num_heads", "d_ff", "seed", "N", "N_total", "steps_planned",
-        "step", "steps", "tokens", "final_val_step", "best_val_step", "num_evals"}
+        "step", "steps", "tokens", "final_val_step", "best_val_step", "num_evals", "attempts"}
 _STR = {"job_id", "family", "kind", "size", "status", "message", "run_dir"}
 
 

@@ -45,9 +45,18 @@ def _state(job: Job) -> Optional[str]:
 
 
 def _record(job: Job, **fields) -> None:
+  """Writes the launch record; total_seconds and attempts add up over resumed attempts."""
   run_dir = Path(job.run_dir)
   run_dir.parent.mkdir(parents=True, exist_ok=True)
-  with open(run_dir.parent / f".{run_dir.name}.launch.json", "w") as f:
+  path = run_dir.parent / f".{run_dir.name}.launch.json"
+  try:
+    with open(path) as f:
+      previous = json.load(f)
+  except (OSError, ValueError):
+    previous = {}
+  fields["total_seconds"] = previous.get("total_seconds", 0.0) + fields.get("seconds", 0.0)
+  fields["attempts"] = previous.get("attempts", 0) + 1
+  with open(path, "w") as f:
     json.dump({"job_id": job.job_id, **fields, "job": dataclasses.asdict(job)}, f)
 
 

@@ -236,7 +236,7 @@ def _job(recipe, family, kind, label, budget, size, fpt, steps, seed, flags) -> 
   tag = _budget_tag(budget)
   job_id = f"{label}-C{tag}-{size.name}-s{seed}"
   run_dir = os.path.join(recipe.sweep_dir, label, f"C{tag}", f"{size.name}-s{seed}")
-  cfg = family.config(size, kind=kind, seq_len=recipe.seq_len)
+  family.config(size, kind=kind, seq_len=recipe.seq_len)  # validates the size (raises early)
   tokens = steps * recipe.batch_size * recipe.seq_len
   warmup = min(max(int(math.ceil(recipe.warmup_fraction * steps)), recipe.min_warmup_steps),
                steps - 1)
@@ -257,7 +257,6 @@ def _job(recipe, family, kind, label, budget, size, fpt, steps, seed, flags) -> 
   overrides += list(recipe.kind_overrides.get(kind, []))
   overrides += list(recipe.overrides)
   overrides = _last_wins(overrides)
-  del cfg  # validated above (family.config raises on a bad size)
   return Job(job_id=job_id, kind=kind, family=label, budget=budget, size=size.name,
              num_layers=size.num_layers, d_model=size.d_model, num_heads=size.num_heads,
              d_ff=size.d_ff, N=family.non_embedding_params(size, kind=kind), flops_per_token=fpt,

@@ -2,7 +2,7 @@
 evaluator trained on the embedded Shakespeare corpus, reused when already trained.
 
 Environment variables shrink or redirect the runs (the test suite uses them):
-  MDLM_NB_STEPS     training steps of each model (default 1500)
+  MDLM_NB_STEPS     training steps of each model (default 3000)
   MDLM_NB_RUN_ROOT  where the run directories live (default <repo>/runs/notebooks)
   MDLM_NB_SMALL     "1" for the test suite's quick setting: fewer samples and sweep points
 """
@@ -17,7 +17,7 @@ from mdlm import config as config_lib
 from mdlm.models import presets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = int(os.environ.get("MDLM_NB_STEPS", "1500"))
+STEPS = int(os.environ.get("MDLM_NB_STEPS", "3000"))
 RUN_ROOT = os.environ.get("MDLM_NB_RUN_ROOT", os.path.join(REPO, "runs", "notebooks"))
 SMALL = os.environ.get("MDLM_NB_SMALL", "0") == "1"
 SEQ_LEN = 128
@@ -47,7 +47,10 @@ def train_or_load(kind: str, steps: int = STEPS) -> checkpointing.LoadedRun:
     with open(status_file) as f:
       status = json.load(f)
     finished = status.get("state") == "finished" and status.get("step") == steps
-  if not finished:
+  if finished:
+    print(f"{kind}: reusing the finished run {run_dir}")
+  else:
+    print(f"{kind}: training {steps} steps into {run_dir}")
     train.run(run_config(kind, steps), run_dir)
   return checkpointing.load_run(run_dir)
 

@@ -50,6 +50,7 @@ class Spec:
   threshold: Optional[float]
   temperature: float
   remasking: str
+  all_masked: bool = False       # every position of xt is masked and there is one block
 
 
 def _predict(logits_BxSxV, key, spec: Spec):
@@ -93,7 +94,11 @@ def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
       # t for a time-conditioned denoiser: the fraction of the row's positions still masked.
       still_B = jnp.sum(x == spec.mask_id, axis=1)
       t_B = jnp.maximum(still_B / jnp.maximum(start_count_B, 1), 1e-5).astype(jnp.float32)
-      logits_BxSxV = common.gather_rows(denoise(x, t_B), idx_BxS)
+      logits_BxLxV = denoise(x, t_B)
+      # With every position masked and one block the slab is the whole sequence in order: skip
+      # the [B, L, V] gather (a fifth of the sampler's time on a CPU).
+      logits_BxSxV = (logits_BxLxV if spec.all_masked
+                      else common.gather_rows(logits_BxLxV, idx_BxS))
       tokens_BxS, log_conf_BxS = _predict(logits_BxSxV, jax.random.fold_in(key, 2 * i), spec)
       if spec.remasking == "random":
         score_BxS = jax.random.uniform(jax.random.fold_in(key, 2 * i + 1), idx_BxS.shape)
@@ -159,7 +164,11 @@ def prepare(xt_BxL, denoise, *, steps, mask_id, block_length, threshold, tempera
               block_of_step=block_of_step, step_in_block=step_in_block,
               steps_in_block=tuple(per_block),
               threshold=None if threshold is None else float(threshold),
-              temperature=float(temperature), remasking=remasking)
+              temperature=float(temperature), remasking=remasking,
+              # Only for the xt that will be sampled (semi_ar passes a probe and max_masked).
+              all_masked=bool(max_masked is None and num_blocks == 1
+                              and common.is_concrete(xt_BxL)
+                              and np.all(np.asarray(xt_BxL) == mask_id)))
   return xt_BxL, spec
 
 

@@ -8,7 +8,6 @@ metrics.jsonl + TensorBoard; clean stop on SIGTERM/SIGINT and on a non-finite lo
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -136,7 +135,7 @@ def state_shardings(spec: ModelSpec, tx, mesh):
 
 
 def make_train_step(spec: ModelSpec, tx, ctx: objectives.Context, objective: str, ema_decay: float,
-                    grad_accum: int, shardings, mesh):
+                    grad_accum: int, shardings, mesh, schedule: Optional[optax.Schedule] = None):
   objective_fn = objectives.get(objective)
   batch_sh = sharding.batch_sharding(mesh)
   use_dropout = spec.cfg.dropout > 0
@@ -182,7 +181,8 @@ def make_train_step(spec: ModelSpec, tx, ctx: objectives.Context, objective: str
       ema = params
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema,
                  "rng": state["rng"]}
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": total_tokens}
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": total_tokens,
+               "lr": schedule(state["step"]) if schedule is not None else jnp.nan}
     return new_state, metrics
 
   return jax.jit(step_fn, in_shardings=(shardings, {"tokens": batch_sh, "token_mask": batch_sh}),
@@ -421,7 +421,7 @@ def run(cfg: Config, run_dir: Optional[str] = None) -> str:
         log.info("Resumed from step %d of %s", start_step, ckpt_dir)
 
     train_step = make_train_step(spec, tx, ctx, objective, cfg.optim.ema, cfg.optim.grad_accum,
-                                 shardings, mesh)
+                                 shardings, mesh, lr_schedule(cfg.optim, tc.steps))
     eval_step = make_eval_step(spec.merge, ctx, objectives.EVAL_OBJECTIVE.get(objective, objective),
                                tc.eval_time_samples, mesh, spec.param_shardings)
     flops_tok = presets.flops_per_token(model_cfg, cfg.data.seq_len)["full"]
@@ -490,7 +490,7 @@ def run(cfg: Config, run_dir: Optional[str] = None) -> str:
           interval_start, interval_tokens = now, 0
           record = {"step": step, "tokens": tokens_seen, "wall_time": now - t_start,
                     "train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
-                    "train/lr": float(tx_lr(cfg, tc.steps, step - 1)),
+                    "train/lr": last["lr"],
                     "train/tokens_per_s": tps, "train/mfu": flops_tok * tps / peak}
           metrics_log.write(record)
           if bar is not None:
@@ -550,17 +550,6 @@ class _null:
 
   def __exit__(self, *a):
     return False
-
-
-@functools.lru_cache(maxsize=8)
-def _schedule_for(lr, warmup, decay, final, steps):
-  o = config_lib.OptimConfig(lr=lr, warmup_steps=warmup, decay=decay, final_lr_fraction=final)
-  return lr_schedule(o, steps)
-
-
-def tx_lr(cfg: Config, steps: int, step: int) -> float:
-  o = cfg.optim
-  return float(_schedule_for(o.lr, o.warmup_steps, o.decay, o.final_lr_fraction, steps)(step))
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -25,6 +25,10 @@ def test_loss_falls_on_tiny(tmp_path):
   assert last < first - 0.5, losses
   status = json.load(open(tmp_path / "run" / "status.json"))
   assert status["state"] == "finished" and status["step"] == 40
+  schedule = train.lr_schedule(cfg.optim, cfg.train.steps)
+  for m in read_metrics(str(tmp_path / "run")):
+    if "train/lr" in m:  # the rate applied at that step: schedule(step - 1)
+      assert m["train/lr"] == pytest.approx(float(schedule(m["step"] - 1)))
   evals = [m for m in read_metrics(str(tmp_path / "run")) if "val/nll" in m]
   assert evals and np.isfinite(evals[-1]["val/nll"]) and evals[-1]["val/nll_stderr"] > 0
   assert evals[-1]["val/bpt"] == pytest.approx(evals[-1]["val/nll"] / np.log(2))

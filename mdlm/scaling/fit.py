@@ -220,8 +220,26 @@ def parabola_vertex(x, y) -> tuple[float, float, float]:
   return float(u + mid), float(c0 - c1 * c1 / (4.0 * c2)), float(c2)
 
 
+class _LossFrontier:
+  """The loss-vs-compute frontier shared by fits that hold an "L_opt" power law in `laws`."""
+
+  @property
+  def c(self) -> float:
+    return self.laws["L_opt"].exponent
+
+  def frontier_loss(self, C, replicate: Optional[int] = None):
+    return self.laws["L_opt"](C, replicate)
+
+  def compute_for_loss(self, loss, replicate: Optional[int] = None):
+    return self.laws["L_opt"].inverse(loss, replicate)
+
+  @property
+  def num_replicates(self) -> int:
+    return self.laws["L_opt"].num_replicates
+
+
 @dataclasses.dataclass
-class IsoFLOPFit:
+class IsoFLOPFit(_LossFrontier):
   """Per-budget parabola vertices and the power laws through them."""
 
   budgets: list[dict]               # one dict per budget: C, N_opt, D_opt, L_opt, curvature, ...
@@ -239,19 +257,6 @@ class IsoFLOPFit:
   def b(self) -> float:
     return self.laws["D_opt"].exponent
 
-  @property
-  def c(self) -> float:
-    return self.laws["L_opt"].exponent
-
-  def frontier_loss(self, C, replicate: Optional[int] = None):
-    return self.laws["L_opt"](C, replicate)
-
-  def compute_for_loss(self, loss, replicate: Optional[int] = None):
-    return self.laws["L_opt"].inverse(loss, replicate)
-
-  @property
-  def num_replicates(self) -> int:
-    return self.laws["L_opt"].num_replicates
 
   def summary(self) -> dict:
     out = {}
@@ -404,26 +409,13 @@ def lower_envelope(C, loss, *, num_bins: Optional[int] = None) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class EnvelopeFit:
+class EnvelopeFit(_LossFrontier):
   points: list[dict]                # the envelope points (C, loss, N, D)
   laws: dict[str, PowerLaw]         # "L_opt" and, when N / D were given, "N_opt", "D_opt"
   ci_level: float = 0.95
   bootstrap: int = 0
   bootstrap_kept: int = 0
 
-  @property
-  def c(self) -> float:
-    return self.laws["L_opt"].exponent
-
-  def frontier_loss(self, C, replicate: Optional[int] = None):
-    return self.laws["L_opt"](C, replicate)
-
-  def compute_for_loss(self, loss, replicate: Optional[int] = None):
-    return self.laws["L_opt"].inverse(loss, replicate)
-
-  @property
-  def num_replicates(self) -> int:
-    return self.laws["L_opt"].num_replicates
 
   def to_dict(self, samples: bool = True) -> dict:
     return {"approach": 1, "points": self.points,

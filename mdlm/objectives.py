@@ -66,8 +66,15 @@ def corrupt_batch(batch, key, ctx: Context) -> dict:
 
 
 def ar_objective(model, batch, key, ctx: Context, dropout_key=None) -> diffusion.LossTerms:
-  """Exact next-token NLL: position i predicts token i + 1; L - 1 targets per window."""
+  """Exact next-token NLL: position i predicts token i + 1; L - 1 targets per window.
+
+  With batch["labels"] (data.meap_sft: MEAP-SFT examples, mdlm.data.sft) only the labelled
+  positions are scored, from the inputs as given (masked copies included): mdlm.meap.sft_terms.
+  """
   del key
+  if "labels" in batch:
+    return meap.sft_terms(model, batch, attention_mask_BxL=_attention_mask(batch, ctx),
+                          dropout_key=dropout_key)
   x, token_mask = batch["tokens"], batch["token_mask"]
   logits = model(x, token_mask_BxL=_attention_mask(batch, ctx), dropout_key=dropout_key)
   nll = diffusion.ar_nll(logits, x, token_mask)
@@ -79,6 +86,9 @@ def ar_objective(model, batch, key, ctx: Context, dropout_key=None) -> diffusion
 def meap_objective(model, batch, key, ctx: Context, dropout_key=None) -> diffusion.LossTerms:
   """MEAP (mdlm.meap): next-token NLL of the clean tokens from inputs with ctx.meap_ratio of the
   eligible positions masked (a fresh exact-count pattern per sequence)."""
+  if "labels" in batch:
+    raise ValueError("objective=meap masks the inputs itself and ignores labels; MEAP-SFT "
+                     "batches (data.meap_sft=true) train with objective=ar.")
   return meap.meap_loss(model, batch, key, ratio=ctx.meap_ratio, mask_id=ctx.mask_id,
                         bos_id=ctx.bos_id if ctx.bos_id >= 0 else None,
                         attention_mask_BxL=_attention_mask(batch, ctx), dropout_key=dropout_key)
@@ -86,10 +96,34 @@ def meap_objective(model, batch, key, ctx: Context, dropout_key=None) -> diffusi
 
 def maria_objective(head, batch, key, ctx: Context, dropout_key=None) -> diffusion.LossTerms:
   """MARIA head (mdlm.models.hybrid): cross-entropy at masked positions; num_tokens_B counts the
-  masked tokens, so evaluation reports nats per masked token. The backbones run without dropout."""
+  masked tokens, so evaluation reports nats per masked token. Uses batch["xt"] / batch["noise"]
+  when given (maria_corrupt_batch), else draws them. The backbones run without dropout."""
   del dropout_key
   return hybrid.maria_loss(head, batch, key, schedule=ctx.schedule, t_min=ctx.t_min,
                            antithetic=ctx.antithetic)
+
+
+def maria_corrupt_batch(batch, key, ctx: Context) -> dict:
+  """MARIA's masking drawn over the whole (global) batch: {"xt": [B, L], "noise": [B]}."""
+  xt_BxL, noise_B = hybrid.maria_corrupt(key, batch["tokens"], batch.get("token_mask"),
+                                         mask_id=ctx.mask_id, schedule=ctx.schedule,
+                                         t_min=ctx.t_min, antithetic=ctx.antithetic)
+  return {"xt": xt_BxL, "noise": noise_B}
+
+
+def loss_denominator(objective: str, batch, ctx: Context):
+  """What the trainer divides the summed loss of a global batch by (float32 scalar), so that the
+  training loss is in the same unit as evaluation's sum(nll_sum_B) / sum(num_tokens_B):
+  labels (MEAP-SFT), next-token targets (ar, meap), masked tokens of the drawn xt (maria; the
+  trainer draws xt before micro-batching) or real tokens (diffusion NELBO per token)."""
+  token_mask = jnp.asarray(batch["token_mask"], bool)
+  if objective in ("ar", "meap") and "labels" in batch:
+    return meap.num_labels(batch["labels"])
+  if objective in ("ar", "meap"):
+    return jnp.sum(token_mask[:, 1:]).astype(jnp.float32)
+  if objective == "maria":
+    return jnp.sum((jnp.asarray(batch["xt"]) == ctx.mask_id) & token_mask).astype(jnp.float32)
+  return jnp.sum(token_mask).astype(jnp.float32)
 
 
 Objective = Callable[..., diffusion.LossTerms]

@@ -7,6 +7,8 @@
   python -m mdlm.sample run=runs/x 'prompt="To be, or not to be"' length=128
   python -m mdlm.sample run=runs/x 'template="The [MASK*5] of Denmark"' sampler.steps=100
   python -m mdlm.sample run=runs/x evaluator=runs/ar      # + generative perplexity
+  python -m mdlm.sample run=runs/maria sampler=maria 'template="The [MASK*5] of Denmark"'
+      # a MARIA run (experiment=maria): denoiser pass + KV-cached AR decoding through the head
 
 Writes the text of each sample to stdout and one JSON object per sample to a JSON Lines file
 (`output=`, default <run>/samples/<sampler>-seed<seed>.jsonl); a summary (NFE, unigram entropy,
@@ -40,20 +42,51 @@ def _starting_sequence(cfg: config_lib.SampleConfig, tokenizer, mask_id: int, le
   return np.full((length,), mask_id, np.int32), None
 
 
+def _load(cfg: config_lib.SampleConfig):
+  """(loaded run, what run_sampler samples with: a denoiser, or the MARIA head for maria).
+
+  sampler=maria needs a MARIA run (objective=maria) and any other sampler a run that is not one:
+  a mismatch is refused before any weights load."""
+  from mdlm import checkpointing
+  from mdlm import config as train_config
+  from mdlm import sampling
+  run_dir, _ = checkpointing._find_run_dir(cfg.run)
+  objective = train_config.objective(checkpointing.load_config(run_dir))
+  if cfg.sampler.name == "maria":
+    if objective != "maria":
+      raise ValueError(
+          f"sampler=maria needs a MARIA run (python -m mdlm.train experiment=maria "
+          f"train.maria_denoiser_run=... train.maria_ar_run=...); {run_dir} was trained with "
+          f"train.objective={objective}. Pass run=<a MARIA run directory>, or choose another "
+          "sampler (e.g. sampler=ancestral).")
+    from mdlm.models import hybrid
+    loaded = hybrid.load_maria_checkpoint(cfg.run, ema=cfg.ema, step=cfg.step)
+    return loaded, loaded.head
+  if objective == "maria":
+    raise ValueError(
+        f"{run_dir} is a MARIA run (train.objective=maria): sample from it with sampler=maria, "
+        "or pass the denoiser run it was built on with this sampler.")
+  loaded = checkpointing.load_run(cfg.run, ema=cfg.ema, step=cfg.step)
+  return loaded, sampling.denoiser_from_model(loaded.model, loaded.config.noise.build())
+
+
 def run(cfg: config_lib.SampleConfig) -> dict:
   """Samples, writes the JSON Lines file and returns the summary."""
-  from mdlm import checkpointing
-  from mdlm import sampling
   config_lib.validate(cfg)
+  from mdlm import sampling
   s = cfg.sampler
-  loaded = checkpointing.load_run(cfg.run, ema=cfg.ema, step=cfg.step)
-  model, tokenizer, train_cfg = loaded.model, loaded.tokenizer, loaded.config
+  loaded, denoise = _load(cfg)
+  tokenizer, train_cfg = loaded.tokenizer, loaded.config
+  model = loaded.head if s.name == "maria" else loaded.model
   schedule = train_cfg.noise.build()
-  denoise = sampling.denoiser_from_model(model, schedule)
   mask_id = model.mask_id
   length = cfg.length or train_cfg.data.seq_len
   xt_L, spans = _starting_sequence(cfg, tokenizer, mask_id, length)
   length = len(xt_L)
+  if s.name == "maria" and length > model.max_seq_len:
+    raise ValueError(f"length={length} exceeds the MARIA backbones' max_seq_len="
+                     f"{model.max_seq_len}; use length <= {model.max_seq_len} (or a shorter "
+                     "template).")
   settings = s.settings(schedule, mask_id)
   if s.name == "semi_ar":
     settings["window"] = min(settings["window"] or model.cfg.max_seq_len, length)

@@ -2,7 +2,8 @@
 
 One pure, jitted train step over a (data, fsdp, tensor) mesh with donated state; grain data whose
 iterator state is checkpointed; orbax async checkpoints with exact resume; EMA evaluation;
-metrics.jsonl + TensorBoard; clean stop on SIGTERM/SIGINT and on a non-finite loss.
+metrics.jsonl + TensorBoard; clean stop on SIGTERM/SIGINT and on a non-finite loss. Fine-tuning
+starts from another run's weights and tokenizer with `train.init_from=<run_dir>` (mdlm.finetune).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mdlm import checkpointing, diffusion, objectives, perf, sharding
+from mdlm import checkpointing, diffusion, finetune, objectives, perf, sharding
 from mdlm.evaluate import evaluate_batches, make_eval_step
 from mdlm import config as config_lib
 from mdlm import models
@@ -104,8 +105,12 @@ def maria_spec(head, model_cfg, mesh, rules, seq_len: int) -> ModelSpec:
                    model_cfg.replace(dropout=0.0), initial_params=params)
 
 
-def init_state(spec: ModelSpec, tx, seed: int, mesh):
-  """Initial train state, created directly with its shardings (no host-side full copy)."""
+def init_state(spec: ModelSpec, tx, seed: int, mesh, params=None):
+  """Initial train state, created directly with its shardings (no host-side full copy).
+
+  params: starting parameters (a pure dict placed with spec.param_shardings, e.g. train.init_from)
+  instead of spec.initial_params or a fresh init; they are donated (the caller drops them). The
+  optimizer state, step and RNG are always fresh and the EMA starts at the parameters."""
 
   def init(loaded):
     params = (loaded if loaded is not None
@@ -114,6 +119,8 @@ def init_state(spec: ModelSpec, tx, seed: int, mesh):
             "ema": params, "rng": jax.random.key_data(jax.random.key(seed))}
 
   shardings = state_shardings(spec, tx, mesh)
+  if params is not None:  # donated: a fine-tune holds no third copy of the weights
+    return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params), shardings
   return jax.jit(init, out_shardings=shardings)(spec.initial_params), shardings
 
 
@@ -146,10 +153,12 @@ def make_train_step(spec: ModelSpec, tx, ctx: objectives.Context, objective: str
     batch_size = batch["tokens"].shape[0]
     if objective == "diffusion":  # times and masks drawn over the *global* batch
       batch.update(objectives.corrupt_batch(batch, jax.random.fold_in(key, 0), ctx))
-    # Normalise by the real tokens of the whole global batch, so accumulated micro-batch
-    # gradients sum to exactly the full-batch gradient.
-    total_tokens = jnp.maximum(
-        objective_fn_token_count(objective, batch["token_mask"]), 1.0)
+    elif objective == "maria":  # likewise, so the masked-token count is known up front
+      batch.update(objectives.maria_corrupt_batch(batch, jax.random.fold_in(key, 0), ctx))
+    # Normalise by the counted tokens of the whole global batch (the unit evaluation reports:
+    # per masked token for maria, per label for MEAP-SFT), so accumulated micro-batch gradients
+    # sum to exactly the full-batch gradient.
+    total_tokens = jnp.maximum(objectives.loss_denominator(objective, batch, ctx), 1.0)
 
     def micro_loss(params, micro, micro_key):
       model = spec.merge(params)
@@ -185,14 +194,10 @@ def make_train_step(spec: ModelSpec, tx, ctx: objectives.Context, objective: str
                "lr": schedule(state["step"]) if schedule is not None else jnp.nan}
     return new_state, metrics
 
-  return jax.jit(step_fn, in_shardings=(shardings, {"tokens": batch_sh, "token_mask": batch_sh}),
+  # One batch sharding for every array of the batch (a pytree prefix): tokens, token_mask and,
+  # with data.meap_sft, labels.
+  return jax.jit(step_fn, in_shardings=(shardings, batch_sh),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-
-
-def objective_fn_token_count(objective: str, token_mask):
-  if objective in ("ar", "meap"):
-    return jnp.sum(token_mask[:, 1:]).astype(jnp.float32)
-  return jnp.sum(token_mask).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -352,22 +357,27 @@ def run(cfg: Config, run_dir: Optional[str] = None) -> str:
         f"train.resume=never but {ckpt_dir} already holds checkpoints; choose a new run "
         "directory (hydra.run.dir=...) or train.resume=auto. Nothing was deleted.")
 
-  if has_ckpt and tc.resume != "never":
+  resuming = has_ckpt and tc.resume != "never"
+  if resuming:
     _check_resume_config(cfg, run_dir)
 
   # --- data and model configuration: everything is checked before anything compiles.
-  if cfg.data.meap_sft:
-    raise ValueError(
-        "data.meap_sft=true: the data pipeline does not build MEAP-SFT examples yet "
-        "(mdlm.meap.sft_examples makes them from (prompt, response) token lists; the batches need "
-        "per-position labels). Set data.meap_sft=false.")
+  source = None  # train.init_from: the run whose weights and tokenizer this one starts from
+  if tc.init_from and resuming:
+    # init_from is for the first start only: an interrupted fine-tune continues exactly.
+    log.info("train.init_from=%s is ignored: %s holds this run's own checkpoints; resuming from "
+             "them.", tc.init_from, ckpt_dir)
+  elif tc.init_from:
+    source = finetune.resolve(tc)
+    finetune.check_tokenizer(cfg, source)
+    finetune.check_model(resolve_model_config(cfg, source.tokenizer), source)
   maria_head = None
   if objective == "maria":  # a trained head over two existing runs (mdlm.models.hybrid)
     from mdlm.models import hybrid
     maria_head, run_tokenizer = hybrid.load_maria(tc.maria_denoiser_run, tc.maria_ar_run)
     if is_main and not os.path.isdir(os.path.join(run_dir, "tokenizer")):
       run_tokenizer.save(os.path.join(run_dir, "tokenizer"))
-  tokenizer, cache_dir = setup_data(cfg, run_dir)
+  tokenizer, cache_dir = setup_data(cfg, run_dir, source.tokenizer if source else None)
   model_cfg = resolve_model_config(cfg, tokenizer)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   rules = sharding.rules_dict(cfg.mesh.rules)
@@ -377,6 +387,16 @@ def run(cfg: Config, run_dir: Optional[str] = None) -> str:
         f"train.batch_size={tc.batch_size} must be divisible by the data x fsdp mesh size "
         f"({divisor}) and the process count ({jax.process_count()}).")
   local_batch = tc.batch_size // jax.process_count()
+  spec = model_spec(model_cfg, mesh, rules)
+  init_params = None
+  if source is not None:
+    # Read now, straight into this run's parameter shardings, so that an unreadable checkpoint
+    # is refused before anything is written; then the tokenizer is copied (never retrained).
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                   nnx.to_pure_dict(spec.template))
+    init_params = finetune.load_params(source, abstract_params, spec.param_shardings)
+    if is_main:
+      finetune.copy_tokenizer(source, run_dir)
   train_ds = data_lib.build_dataset(
       cfg.data, tokenizer, split="train", batch_size=tc.batch_size, seed=tc.seed,
       process_index=jax.process_index(), process_count=jax.process_count(), cache_dir=cache_dir)
@@ -396,13 +416,19 @@ def run(cfg: Config, run_dir: Optional[str] = None) -> str:
       pad_layout=cfg.data.layout == "pad", t_min=cfg.noise.t_min, num_steps=cfg.noise.num_steps,
       antithetic=cfg.noise.antithetic, meap_ratio=tc.meap_ratio)
   tx = make_optimizer(cfg.optim, tc.steps)
-  spec = model_spec(model_cfg, mesh, rules)
   if maria_head is not None:
     tx = hybrid.freeze_backbones(tx, nnx.to_pure_dict(nnx.state(maria_head)))
     spec = maria_spec(maria_head, model_cfg, mesh, rules, cfg.data.seq_len)
 
   with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else _null():
-    state, shardings = init_state(spec, tx, tc.seed, mesh)
+    state, shardings = init_state(spec, tx, tc.seed, mesh, params=init_params)
+    del init_params
+    if source is not None:
+      if is_main:
+        finetune.write_provenance(source, run_dir)
+      log.info("Initialised from the %s weights of %s (step %d); fresh optimizer state, EMA, "
+               "step counter and data order.", "EMA" if source.ema else "raw", source.run_dir,
+               source.step)
     mgr = checkpointing.manager(ckpt_dir, keep=tc.keep_checkpoints)
     train_iter = iter(train_ds)
     start_step = 0
@@ -414,6 +440,11 @@ def run(cfg: Config, run_dir: Optional[str] = None) -> str:
       if restored is None:
         if tc.resume == "required":
           raise TrainingError(f"No readable checkpoint in {ckpt_dir} (train.resume=required).")
+        if tc.init_from:  # the state above is a fresh init, not the source's weights
+          raise TrainingError(
+              f"No readable checkpoint in {ckpt_dir} (the unreadable ones were moved to "
+              "checkpoints_unreadable/); run again to start afresh from "
+              f"train.init_from={tc.init_from}.")
       else:
         start_step, state, data_state, _ = restored
         train_iter.set_state(decode_iterator_state(data_state))

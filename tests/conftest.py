@@ -28,3 +28,14 @@ def tiny_ar_run(tmp_path_factory):
   cfg.model = cfg.model.replace(kind="ar")
   train.run(cfg, run_dir)
   return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_maria_run(tmp_path_factory, tiny_run, tiny_ar_run):
+  """A MARIA head (objective=maria) over `tiny_run` and `tiny_ar_run`, trained for a few steps."""
+  from mdlm import train
+  from tests.helpers import tiny_config
+  run_dir = str(tmp_path_factory.mktemp("tiny_maria_run") / "run")
+  train.run(tiny_config(steps=4, eval_every=4, checkpoint_every=4, objective="maria",
+                        maria_denoiser_run=tiny_run, maria_ar_run=tiny_ar_run), run_dir)
+  return run_dir

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -41,3 +42,19 @@ def run_python(args, env=None, timeout=600, **kw):
   full_env.update(env or {})
   return subprocess.run([sys.executable] + args, cwd=REPO, env=full_env, capture_output=True,
                         text=True, timeout=timeout, **kw)
+
+
+class StopAfter:
+  """Stands in for the trainer's SIGTERM handler (monkeypatch train._StopFlag): reports a signal
+  after `n` training steps."""
+
+  def __init__(self, n):
+    self.n, self.calls = n, 0
+
+  def __call__(self, signum, frame):
+    pass
+
+  @property
+  def signal(self):
+    self.calls += 1
+    return signal.SIGTERM if self.calls >= self.n else None

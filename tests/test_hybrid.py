@@ -321,6 +321,47 @@ def test_trainer_step_updates_w_only(head):
   assert moments and all(np.shape(x) == before["w"].shape for x in moments)
 
 
+def test_maria_train_loss_and_validation_are_per_masked_token(head):
+  """The trainer's MARIA loss is normalised by the masked tokens of its own draw (the unit of
+  maria_loss and of validation), and validation with several draws pools sums and counts."""
+  from mdlm import config as config_lib, objectives, sharding, train
+  from mdlm.evaluate import make_eval_step
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  rules = sharding.rules_dict(config_lib.MeshConfig().rules)
+  spec = train.maria_spec(head, head.ar.cfg, mesh, rules, L)
+  optim = config_lib.OptimConfig(lr=1e-2, warmup_steps=0, ema=0.0)
+  tx = hybrid.freeze_backbones(train.make_optimizer(optim, 10), spec.initial_params)
+  ctx = objectives.Context(schedule=schedules.get("loglinear"), mask_id=V)
+  state, shardings = train.init_state(spec, tx, 0, mesh)
+  token_mask = np.ones((4, L), bool)
+  token_mask[2, -4:] = False
+  batch = {"tokens": np.asarray(_tokens(16, (4, L)), np.int32), "token_mask": token_mask}
+  # The step's own draw: key = fold_in(rng, step), masking with fold_in(key, 0).
+  key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 0)
+  drawn = objectives.maria_corrupt_batch(batch, jax.random.fold_in(key, 0), ctx)
+  num_masked = int(np.sum((np.asarray(drawn["xt"]) == V) & token_mask))
+  loss_fn = nnx.jit(lambda h, b: objectives.get("maria")(h, b, jax.random.key(0), ctx))
+  terms = loss_fn(head, {**batch, **drawn})
+  assert 0 < num_masked < token_mask.sum() and float(np.sum(terms.num_tokens_B)) == num_masked
+  step = train.make_train_step(spec, tx, ctx, "maria", 0.0, 1, shardings, mesh)
+  _, metrics = step(state, sharding.global_batch(batch, mesh))
+  assert float(metrics["tokens"]) == num_masked
+  np.testing.assert_allclose(float(metrics["loss"]), float(np.sum(terms.nll_sum_B)) / num_masked,
+                             rtol=1e-5)
+
+  eval_step = make_eval_step(spec.merge, ctx, "maria", 3, mesh)
+  eval_key = jax.random.key(5)
+  nll_B, count_B = eval_step(spec.initial_params, batch, eval_key)
+  draw_fn = nnx.jit(lambda h, b, k: objectives.get("maria")(h, b, k, ctx))
+  draws = [draw_fn(head, batch, jax.random.fold_in(eval_key, i)) for i in range(3)]
+  counts = [float(np.sum(d.num_tokens_B)) for d in draws]
+  assert len(set(counts)) > 1  # the denominator differs between draws
+  pooled = sum(float(np.sum(d.nll_sum_B)) for d in draws) / sum(counts)
+  np.testing.assert_allclose(float(np.sum(nll_B)) / float(np.sum(count_B)), pooled, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(count_B) * 3,
+                             np.sum([np.asarray(d.num_tokens_B) for d in draws], 0), rtol=1e-6)
+
+
 def test_backbone_gradients_are_zero(head):
   """Even a trainer that differentiates every parameter leaves the backbones' gradients at 0."""
   @nnx.jit
@@ -470,3 +511,78 @@ def test_maria_plugs_into_the_infill_front_end(head):
   for r in results:
     assert r["tokens"][:3] == given and len(r["fills"]) == 3
     assert r["tokens"][6:8] == _CharTokenizer().encode("cd") and V not in r["tokens"]
+
+
+# ---------------------------------------------------------------- the sampling CLI (sampler=maria)
+
+
+def _sample_cfg(run, tmp_path, name="maria", **kw):
+  from mdlm.sampling import config as sample_config
+  sampler = sample_config.SamplerConfig(name=name, **kw.pop("sampler", {}))
+  return sample_config.SampleConfig(run=run, sampler=sampler, num_samples=3, batch_size=2,
+                                    output=str(tmp_path / f"{name}.jsonl"), print_samples=False,
+                                    progress=False, **kw)
+
+
+def test_sample_cli_maria_fills_templates_prompts_and_blanks(tiny_maria_run, tmp_path):
+  """`mdlm.sample.run` with sampler=maria on a trained MARIA run: given tokens unchanged, every
+  mask filled, one JSON line per sample. (length=32 everywhere: one compilation.)"""
+  import json
+  from mdlm import sample
+  from mdlm.sampling import text
+  template = "To be, or [MASK*4] to be: [MASK*3] is"
+  cfg = _sample_cfg(tiny_maria_run, tmp_path, template=template, length=32,
+                    sampler={"temperature": 0.8, "top_p": 0.9, "refresh_every": 2})
+  summary = sample.run(cfg)
+  tokenizer = hybrid.load_maria_run(tiny_maria_run)[1]
+  mask_id = tokenizer.vocab_size
+  parsed = text.parse_template(template, tokenizer, mask_id, length=32)
+  given = parsed.tokens != mask_id
+  lines = [json.loads(l) for l in open(summary["output"])]
+  assert len(lines) == 3 and [l["index"] for l in lines] == [0, 1, 2]
+  for line in lines:
+    tokens = np.asarray(line["tokens"])
+    assert line["sampler"] == "maria" and line["nfe"] >= 1
+    np.testing.assert_array_equal(tokens[given], parsed.tokens[given])  # given tokens unchanged
+    assert ((tokens >= 0) & (tokens < mask_id)).all()  # every mask filled, no mask id left
+    assert len(line["fills"]) == len(parsed.spans)
+  assert summary["sampler"]["name"] == "maria" and summary["sampler"]["refresh_every"] == 2
+  assert summary["nfe_per_batch"] > 1  # refresh_every=2 refreshed the denoiser states
+
+  prompt = "To be, or not"
+  out = sample.run(_sample_cfg(tiny_maria_run, tmp_path, prompt=prompt, length=32,
+                               sampler={"temperature": 0.0}))
+  start = text.prompt_tokens(tokenizer, prompt, 32, mask_id)
+  for item in out["samples"]:
+    tokens = np.asarray(item["tokens"])
+    np.testing.assert_array_equal(tokens[start != mask_id], start[start != mask_id])
+    assert (tokens < mask_id).all()
+  blank = sample.run(_sample_cfg(tiny_maria_run, tmp_path, length=32))  # unconditional
+  assert all((np.asarray(i["tokens"]) < mask_id).all() for i in blank["samples"])
+
+
+def test_sample_cli_maria_refusals(tiny_run, tiny_maria_run, tmp_path):
+  from mdlm import sample
+  with pytest.raises(ValueError, match="sampler=maria needs a MARIA run"):
+    sample.run(_sample_cfg(tiny_run, tmp_path))
+  with pytest.raises(ValueError, match="is a MARIA run .*sampler=maria"):
+    sample.run(_sample_cfg(tiny_maria_run, tmp_path, name="ancestral"))
+  with pytest.raises(ValueError, match="guidance is not supported with sampler=maria"):
+    sample.run(_sample_cfg(tiny_maria_run, tmp_path, template="a [MASK] b",
+                           sampler={"guidance": 1.0}))
+  with pytest.raises(ValueError, match="refresh_every=-1 must be >= 0"):
+    sample.run(_sample_cfg(tiny_maria_run, tmp_path, sampler={"refresh_every": -1}))
+  with pytest.raises(ValueError, match="exceeds the MARIA backbones' max_seq_len"):
+    sample.run(_sample_cfg(tiny_maria_run, tmp_path, length=10_000))
+
+
+def test_sampler_maria_preset_loads():
+  from omegaconf import OmegaConf
+  from mdlm.sampling import config as sample_config
+  preset = OmegaConf.load(f"{__file__.rsplit('/tests/', 1)[0]}/configs/sampler/maria.yaml")
+  merged = OmegaConf.merge(OmegaConf.structured(sample_config.SamplerConfig),
+                           {k: v for k, v in preset.items() if k != "defaults"})
+  s = OmegaConf.to_object(merged)
+  assert s.name == "maria" and s.refresh_every == 0
+  assert s.settings(None, 7) == {"mask_id": 7, "temperature": 1.0, "top_p": 1.0,
+                                 "refresh_every": 0}

@@ -208,6 +208,23 @@ def test_float32_gumbel_fails_the_tail_test_that_exact_sampling_passes():
   assert sstats.binomtest(tails["gumbel"], n, v_tail * p_tail).pvalue < 1e-4, tails
 
 
+@pytest.mark.parametrize("v", [5, 200, 256, 300, 1000])  # one level; ragged and full blocks
+def test_max_and_argmax_matches_numpy_first_index_ties_included(v):
+  from mdlm.sampling import exact
+  rng = np.random.default_rng(v)
+  # Few distinct values, so most rows have ties, some spanning blocks and the ragged tail.
+  x = rng.integers(0, 6, size=(64, v)).astype(np.float32)
+  x[0] = -np.inf
+  x[0, v - 1] = 0.0                  # the only finite entry is the last (ragged block)
+  x[1, [3, v - 1]] = 9.0             # tie between the first block and the last entry
+  x[2, :] = 1.0                      # all equal: index 0
+  top, index = jax.jit(exact.max_and_argmax)(jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(index), np.argmax(x, axis=-1))
+  np.testing.assert_array_equal(np.asarray(top), np.max(x, axis=-1))
+  np.testing.assert_array_equal(np.asarray(exact.argmax(jnp.asarray(x.reshape(4, 16, v)))),
+                                np.argmax(x, axis=-1).reshape(4, 16))
+
+
 def test_top_p_and_temperature():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   kept = np.isfinite(np.asarray(top_p_filter(logits, 0.8)))[0]
@@ -572,7 +589,7 @@ def test_generative_perplexity_matches_direct_computation():
   np.testing.assert_allclose(got["gen_ppl"], math.exp(total / count), rtol=1e-5)
 
 
-# ---- the CLI and the notebooks (slow: they train tiny runs) -----------------------------------------
+# ---- the CLI (slow: it trains tiny runs) and the notebooks (small setting) -------------------------
 
 
 @pytest.mark.slow
@@ -609,21 +626,27 @@ def test_sample_cli_end_to_end(tmp_path):
   assert bad.returncode != 0 and "maximum sequence length" in bad.stderr
 
 
-@pytest.mark.slow
+@pytest.fixture(scope="module")
+def notebook_runs(tmp_path_factory):
+  """One run root for both notebooks: the second reuses the runs the first trained."""
+  return tmp_path_factory.mktemp("notebook_runs")
+
+
 @pytest.mark.parametrize("name", ["sampling", "infilling"])
-def test_notebooks_execute(tmp_path, name):
-  """Runs a notebook end to end with tiny settings (20 training steps, few samples)."""
+def test_notebooks_execute(notebook_runs, name):
+  """Runs a notebook top to bottom in the small setting (20 training steps, fewer samples and
+  sweep points; notebooks/nb_utils.py). The committed outputs come from the full setting."""
   import nbformat
   from nbclient import NotebookClient
   from tests.helpers import REPO
   path = os.path.join(REPO, "notebooks", f"{name}.ipynb")
   nb = nbformat.read(path, as_version=4)
-  env = {"MDLM_NB_STEPS": "20", "MDLM_NB_SMALL": "1", "MDLM_NB_RUN_ROOT": str(tmp_path),
+  env = {"MDLM_NB_STEPS": "20", "MDLM_NB_SMALL": "1", "MDLM_NB_RUN_ROOT": str(notebook_runs),
          "JAX_PLATFORMS": "cpu"}
   old = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   try:
-    NotebookClient(nb, timeout=1200, kernel_name="python3",
+    NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": os.path.dirname(path)}}).execute()
   finally:
     for k, v in old.items():

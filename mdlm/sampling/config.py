@@ -5,17 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-SAMPLERS = ("ancestral", "confidence", "semi_ar")
+SAMPLERS = ("ancestral", "confidence", "semi_ar", "maria")
 
 
 @dataclass
 class SamplerConfig:
   """One sampler and its settings; fields a sampler does not use are ignored by it.
 
-  name: "ancestral" (MDLM, cached by default), "confidence" (LLaDA / Fast-dLLM) or "semi_ar"
-    (windows of `window` tokens, `stride` new tokens each, filled by `inner`).
+  name: "ancestral" (MDLM, cached by default), "confidence" (LLaDA / Fast-dLLM), "semi_ar"
+    (windows of `window` tokens, `stride` new tokens each, filled by `inner`) or "maria" (the
+    MARIA head of a run trained with objective=maria: one denoiser pass, then left-to-right
+    KV-cached AR decoding; uses temperature, top_p and refresh_every only).
   steps: T for ancestral (per window for semi_ar), the step budget for confidence.
   guidance: unsupervised CFG weight w (SMDM) on the prompt / template tokens; 0 = off.
+  refresh_every: maria: recompute the denoiser states every k filled tokens; 0 = one pass.
   """
 
   name: str = "ancestral"
@@ -32,9 +35,13 @@ class SamplerConfig:
   stride: Optional[int] = None     # semi_ar: default = window // 2
   inner: str = "ancestral"         # semi_ar: the sampler filling each window
   guidance: float = 0.0
+  refresh_every: int = 0           # maria: denoiser refresh every k fills (0: never)
 
   def settings(self, schedule, mask_id: int) -> dict[str, Any]:
     """Keyword arguments for mdlm.sampling.run_sampler."""
+    if self.name == "maria":  # mdlm.models.hybrid.maria_infill
+      return dict(mask_id=mask_id, temperature=self.temperature, top_p=self.top_p,
+                  refresh_every=self.refresh_every)
     inner = self.inner if self.name == "semi_ar" else self.name
     if inner == "ancestral":
       kw = dict(steps=self.steps, schedule=schedule, cache=self.cache,
@@ -93,6 +100,13 @@ def validate(cfg: SampleConfig) -> SampleConfig:
   check(s.guidance == 0.0 or cfg.prompt or cfg.template,
         "sampler.guidance needs a prompt or template (the tokens it guides on)")
   check(s.guidance == 0.0 or s.name != "semi_ar", "guidance is not supported with semi_ar")
+  check(s.guidance == 0.0 or s.name != "maria",
+        "guidance is not supported with sampler=maria (the head has no unconditional branch); "
+        "set sampler.guidance=0")
+  check(s.refresh_every >= 0, f"sampler.refresh_every={s.refresh_every} must be >= 0 (0: one "
+        "denoiser pass)")
+  check(s.temperature >= 0, f"sampler.temperature={s.temperature} must be >= 0 (0: greedy)")
+  check(0.0 < s.top_p <= 1.0, f"sampler.top_p={s.top_p} must lie in (0, 1]")
   return cfg
 
 

@@ -134,15 +134,51 @@ def top_p_filter(logits_NxV, top_p: float) -> jax.Array:
   return jnp.where(probs >= threshold, logits_NxV, -jnp.inf)
 
 
-def argmax(x_NxV) -> jax.Array:
-  """First index of the maximum along the last axis (int32), as jnp.argmax.
+_ARGMAX_BLOCK = 128  # block width of the two-level argmax
 
-  Written as max, compare and min: XLA:CPU lowers jnp.argmax to a (value, index) reduction that
-  is several times slower over a vocabulary.
+
+def max_and_argmax(x_NxV) -> tuple[jax.Array, jax.Array]:
+  """(max, first index of the max) along the last axis of [N, V]; the index is int32 and equals
+  jnp.argmax's, ties included.
+
+  Two levels: the maxima of 128-wide blocks (one vectorised pass over x), the first block that
+  holds the row maximum, then the first maximal entry inside that block (a [N, 128] slab). On
+  XLA:CPU this is 2-3x faster than a compare-and-min pass over the whole row, and jnp.argmax's
+  (value, index) reduction is slower still.
   """
-  top = jnp.max(x_NxV, axis=-1, keepdims=True)
-  iota = jax.lax.broadcasted_iota(jnp.int32, x_NxV.shape, x_NxV.ndim - 1)
-  return jnp.min(jnp.where(x_NxV == top, iota, x_NxV.shape[-1]), axis=-1)
+  n, v = x_NxV.shape
+  block = _ARGMAX_BLOCK
+  num_full = v // block
+  if num_full < 2:
+    top_N = jnp.max(x_NxV, axis=-1)
+    return top_N, _first_equal(x_NxV, top_N[:, None], 0)
+  block_max_NxB = jnp.max(x_NxV[:, :num_full * block].reshape(n, num_full, block), axis=-1)
+  if v > num_full * block:  # a ragged last block (e.g. V = 50,257)
+    block_max_NxB = jnp.concatenate(
+        [block_max_NxB, jnp.max(x_NxV[:, num_full * block:], axis=-1, keepdims=True)], axis=-1)
+  top_N = jnp.max(block_max_NxB, axis=-1)
+  first_block_N = _first_equal(block_max_NxB, top_N[:, None], 0)
+  # The window of `block` entries from the block's start, moved left to fit a ragged last block;
+  # entries before the block's own start are excluded so the first maximum is the global first.
+  start_N = jnp.minimum(first_block_N * block, v - block)
+  window_NxK = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (block,)))(x_NxV, start_N)
+  skip_N = first_block_N * block - start_N
+  return top_N, start_N + _first_equal(window_NxK, top_N[:, None], skip_N)
+
+
+def _first_equal(x_NxK, top_Nx1, skip_N):
+  """First index k >= skip with x[k] == top (int32)."""
+  iota = jax.lax.broadcasted_iota(jnp.int32, x_NxK.shape, 1)
+  hit = (x_NxK == top_Nx1) & (iota >= jnp.asarray(skip_N, jnp.int32).reshape(-1, 1))
+  return jnp.min(jnp.where(hit, iota, x_NxK.shape[-1]), axis=-1)
+
+
+def argmax(x_NxV) -> jax.Array:
+  """First index of the maximum along the last axis (int32), as jnp.argmax (see max_and_argmax).
+  Any leading shape."""
+  lead = x_NxV.shape[:-1]
+  flat = x_NxV.reshape(math.prod(lead), x_NxV.shape[-1])
+  return max_and_argmax(flat)[1].reshape(lead)
 
 
 def subs_logits(logits_NxV, mask_id: int) -> jax.Array:

@@ -390,6 +390,20 @@ def test_confidence_commits_the_scheduled_most_confident(toy):
   np.testing.assert_array_equal(x, np.asarray(tokens))
 
 
+def test_confidence_skips_steps_with_nothing_to_commit(toy):
+  """More steps than masks: the schedule commits one token per step until the row is done, and
+  the steps after that (no row has a mask left) call no denoiser."""
+  xt, _, hole = _scattered_xt(toy.mask_id, seed=3)
+  masked_B = hole.sum(1)
+  steps = 3 * int(masked_B.max())
+  tokens, st = confidence(jax.random.key(5), toy, xt, steps=steps, mask_id=toy.mask_id)
+  commits = np.asarray(st["commits"])
+  for b in range(xt.shape[0]):
+    assert commits[:, b].tolist() == _llada_counts(int(masked_B[b]), steps)
+  assert int(st["nfe"]) == int(masked_B.max())
+  assert np.all(np.asarray(tokens) != toy.mask_id)
+
+
 def test_confidence_blocks_fill_in_order(toy):
   xt = jnp.full((2, L), toy.mask_id, jnp.int32).at[:, :3].set(1)  # prompt of 3, 21 to fill
   block, steps = 6, 8                                             # 4 blocks (6, 6, 6, 3)

@@ -177,14 +177,10 @@ def sft_terms(model, batch, *, attention_mask_BxL=None,
   mask (a causal model needs none for right padding)."""
   tokens_BxL, labels_BxL = jnp.asarray(batch["tokens"]), jnp.asarray(batch["labels"])
   logits = model(tokens_BxL, token_mask_BxL=attention_mask_BxL, dropout_key=dropout_key)
-  logits_BxLm1xV = jnp.asarray(logits, jnp.float32)[:, :-1]
-  targets_BxLm1 = labels_BxL[:, 1:]
-  counted_BxLm1 = targets_BxLm1 != IGNORE
-  logz = jax.nn.logsumexp(logits_BxLm1xV, axis=-1)
-  target_logit = jnp.take_along_axis(
-      logits_BxLm1xV, jnp.maximum(targets_BxLm1, 0)[..., None].astype(jnp.int32), -1)[..., 0]
-  nll_BxLm1 = jnp.where(counted_BxLm1, logz - target_logit, 0.0)
-  count_B = jnp.sum(counted_BxLm1, axis=-1).astype(jnp.float32)
+  # Next-token NLL with the labels as targets, counted only where a label is given.
+  labelled_BxL = labels_BxL != IGNORE
+  nll_BxLm1 = diffusion.ar_nll(logits, jnp.maximum(labels_BxL, 0), labelled_BxL)
+  count_B = jnp.sum(labelled_BxL[:, 1:], axis=-1).astype(jnp.float32)
   return diffusion.LossTerms(jnp.sum(nll_BxLm1, axis=-1), count_B, count_B)
 
 

@@ -183,9 +183,10 @@ def _hydra_main():
       config_lib.validate(cfg)
     except Exception as e:
       raise SystemExit(f"mdlm.sample: invalid config: {e}")
+    from mdlm.checkpointing import CheckpointError
     try:
       summary = run(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:  # refused: a message, no trace
       raise SystemExit(f"mdlm.sample: {e}")
     _print(summary, cfg.print_samples)
 

@@ -170,21 +170,27 @@ def json_lines(paths: list[str]) -> Iterator[tuple[str, int, Any]]:
       yield path, lineno, record
 
 
+def _string_field(record, key: str, where: str, *, missing_fix: str, type_fix: str) -> str:
+  """record[key], which must exist and be a string; otherwise a ValueError naming the place
+  (`where`: "path:line"), the keys the record has, and the fix."""
+  if not isinstance(record, dict) or key not in record:
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ValueError(f"{where} has no field {key!r} (it has: {keys}); {missing_fix}")
+  value = record[key]
+  if not isinstance(value, str):
+    raise ValueError(f"{where}: field {key!r} holds a {type(value).__name__}, not a string; "
+                     f"{type_fix}")
+  return value
+
+
 def jsonl_documents(paths: list[str], text_field: str) -> Iterator[str]:
   """The `text_field` string of each JSON object, one object per line. Empty strings are
   skipped (like blank lines); a missing or non-string field is an error."""
   if not text_field:
     raise ValueError("data.text_field is empty; set it to the JSON key holding the text.")
+  fix = "set data.text_field to the key that holds the text."
   for path, lineno, record in json_lines(paths):
-    if not isinstance(record, dict) or text_field not in record:
-      keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise ValueError(f"{path}:{lineno} has no field {text_field!r} (it has: {keys}); set "
-                       "data.text_field to the key that holds the text.")
-    text = record[text_field]
-    if not isinstance(text, str):
-      raise ValueError(f"{path}:{lineno}: field {text_field!r} holds a "
-                       f"{type(text).__name__}, not a string; set data.text_field to the key "
-                       "that holds the text.")
+    text = _string_field(record, text_field, f"{path}:{lineno}", missing_fix=fix, type_fix=fix)
     if text.strip():
       yield text
 
@@ -196,19 +202,14 @@ def jsonl_sft_records(paths: list[str], prompt_field: str,
   Both fields must be present and hold strings (either may be empty); anything else is a
   ValueError naming the file, the line, the field and the config key to change."""
   for path, lineno, record in json_lines(paths):
-    texts = []
-    for key, field, what in ((prompt_field, "data.prompt_field", "prompt"),
-                             (response_field, "data.response_field", "response")):
-      if not isinstance(record, dict) or key not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(
-            f"{path}:{lineno} has no field {key!r} (it has: {keys}); data.meap_sft=true reads "
-            f"(prompt, response) records: set {field} to the key that holds the {what} text.")
-      if not isinstance(record[key], str):
-        raise ValueError(f"{path}:{lineno}: field {key!r} holds a {type(record[key]).__name__}, "
-                         f"not a string; set {field} to the key that holds the text.")
-      texts.append(record[key])
-    yield texts[0], texts[1], f"{path}:{lineno}"
+    where = f"{path}:{lineno}"
+    texts = [_string_field(record, key, where,
+                           missing_fix=f"data.meap_sft=true reads (prompt, response) records: set "
+                                       f"{field} to the key that holds the {what} text.",
+                           type_fix=f"set {field} to the key that holds the text.")
+             for key, field, what in ((prompt_field, "data.prompt_field", "prompt"),
+                                      (response_field, "data.response_field", "response"))]
+    yield texts[0], texts[1], where
 
 
 def read_sft_records(cfg: DataConfig) -> list[tuple[str, str, str]]:

@@ -27,7 +27,6 @@ given token is fed. Optionally the denoiser states are recomputed every k filled
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -159,7 +158,6 @@ def load_maria_checkpoint(path: str, *, ema: bool = True, step: int | None = Non
   The head's parameters, backbones included, come from the MARIA run's own checkpoint (the
   backbone runs named in its config supply the architecture).
   """
-  import orbax.checkpoint as ocp
   from mdlm import checkpointing
   from mdlm import config as config_lib
   run_dir, path_step = checkpointing._find_run_dir(path)
@@ -172,25 +170,14 @@ def load_maria_checkpoint(path: str, *, ema: bool = True, step: int | None = Non
   graphdef, state = nnx.split(head)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           nnx.to_pure_dict(state))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  mgr = checkpointing.manager(os.path.join(run_dir, "checkpoints"), read_only=True,
-                              async_save=False)
-  try:
-    step = step if step is not None else path_step
-    step = step if step is not None else mgr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint; train it first.")
-    if step not in mgr.all_steps():
-      raise FileNotFoundError(f"{run_dir}/checkpoints has no step {step} (it has "
-                              f"{sorted(mgr.all_steps())}).")
-    tree = {"params": abstract, "ema": abstract}
-    item = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=tree, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device),
-                                             tree), partial_restore=True)))
-  finally:
-    mgr.close()
-  nnx.replace_by_pure_dict(state, item["state"]["ema" if ema else "params"])
-  return LoadedMaria(nnx.merge(graphdef, state), tokenizer, cfg, int(step), run_dir)
+  steps = checkpointing.checkpoint_steps(run_dir)  # FileNotFoundError when there is none
+  step = step if step is not None else path_step
+  step = step if step is not None else steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"{run_dir}/checkpoints has no step {step} (it has {steps}).")
+  weights, step = checkpointing.restore_params(run_dir, abstract, ema=ema, step=step)
+  nnx.replace_by_pure_dict(state, weights)
+  return LoadedMaria(nnx.merge(graphdef, state), tokenizer, cfg, step, run_dir)
 
 
 def trainable_params(head: MariaHead):

@@ -28,13 +28,18 @@ log = logging.getLogger("mdlm.finetune")
 
 PROVENANCE_FILE = "init_from.json"
 
-# Fields of ModelConfig that decide the parameter shapes (with d_ff: see shape_diffs). max_seq_len
-# holds no parameter (rotary positions) but is what the source was trained for.
+# Fields of ModelConfig that decide the parameter shapes (with d_ff: see shape_diffs).
 SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "mlp", "norm",
-                "time_conditioning", "cond_dim", "tie_embeddings", "max_seq_len", "vocab_size")
+                "time_conditioning", "cond_dim", "tie_embeddings", "vocab_size")
 # Fields that keep the shapes but change the function the weights compute: allowed, with a warning
-# (e.g. adapting an AR model into a denoiser, or rescaling rotary positions).
-FUNCTION_FIELDS = ("kind", "rope_theta")
+# that says what changes.
+FUNCTION_FIELDS = {
+    "kind": "the weights are reused as they are (e.g. AR -> diffusion adaptation)",
+    "rope_theta": "the rotary frequencies change, so every position is encoded differently",
+    # Positions are rotary: no parameter depends on the length, so a fine-tune may extend it.
+    "max_seq_len": "no parameter depends on it (rotary positions), but positions beyond the "
+                   "source's length were never trained: fine-tune at the new data.seq_len",
+}
 
 
 class InitFromError(ValueError):
@@ -176,11 +181,10 @@ def check_model(model_cfg: ModelConfig, source: Source) -> None:
     _refuse(source.path, f"the model's parameters differ from the source run's "
                          f"({'; '.join(odd[:5])}). Use the source's model settings "
                          f"({source.run_dir}/config.yaml), or drop train.init_from.")
-  for n in FUNCTION_FIELDS:
+  for n, consequence in FUNCTION_FIELDS.items():
     if getattr(model_cfg, n) != getattr(src, n):
-      log.warning("train.init_from: model.%s=%s here, %s in the source %s: the weights are "
-                  "reused as they are (e.g. AR -> diffusion adaptation).", n,
-                  getattr(model_cfg, n), getattr(src, n), source.run_dir)
+      log.warning("train.init_from: model.%s=%s here, %s in the source %s: %s.", n,
+                  getattr(model_cfg, n), getattr(src, n), source.run_dir, consequence)
 
 
 def copy_tokenizer(source: Source, run_dir: str) -> None:

@@ -34,7 +34,7 @@ def _forward(model, *args):
 
 @nnx.jit
 def _hidden(model, tokens):
-  return model(tokens, return_hidden=True)[1]
+  return model.hidden_states(tokens)
 
 
 @pytest.fixture(scope="module")

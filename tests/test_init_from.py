@@ -188,7 +188,7 @@ def test_shape_diffs():
   assert finetune.shape_diffs(m.replace(dropout=0.1, dtype="bfloat16", kind="ar"), m) == []
   assert finetune.shape_diffs(m.replace(d_model=128), m) == [("d_model", 128, 64)]
   assert finetune.shape_diffs(m.replace(max_seq_len=256, vocab_size=260), m) == [
-      ("max_seq_len", 256, 128), ("vocab_size", 260, 259)]
+      ("vocab_size", 260, 259)]  # no parameter depends on the length (rotary positions)
   tc = m.replace(time_conditioning=True)
   assert finetune.shape_diffs(tc.replace(cond_dim=64), tc) == [("cond_dim", 64, 128)]
 
@@ -202,6 +202,25 @@ def test_kind_change_is_allowed_with_a_warning(caplog):
     finetune.check_model(ar.replace(kind="denoiser"), source)
   assert any("model.kind=denoiser here, ar in the source" in r.getMessage()
              for r in caplog.records)
+
+
+def test_context_extension_starts_from_the_source_weights(tmp_path, tiny_run, caplog):
+  """A longer model.max_seq_len than the source's, trained at a data.seq_len the source never
+  saw: allowed with a warning, and the starting weights are the source's, bit for bit."""
+  src = checkpointing.load_config(tiny_run)
+  cfg = _finetune_config(tiny_run)
+  cfg.model = cfg.model.replace(max_seq_len=2 * src.model.max_seq_len)
+  cfg.data.seq_len = src.model.max_seq_len + 32
+  run_dir = str(tmp_path / "long")
+  with caplog.at_level("WARNING", logger="mdlm.finetune"):
+    train.run(cfg, run_dir)
+  assert any(f"model.max_seq_len={2 * src.model.max_seq_len} here, {src.model.max_seq_len} in "
+             "the source" in r.getMessage() for r in caplog.records)
+  _assert_same(_weights(run_dir, ema=False), _weights(tiny_run, ema=True))
+  loaded = checkpointing.load_run(run_dir)
+  assert loaded.config.model.max_seq_len == 2 * src.model.max_seq_len
+  tokens = jax.numpy.zeros((1, cfg.data.seq_len), jax.numpy.int32)
+  assert loaded.model(tokens).shape == (1, cfg.data.seq_len, loaded.model.cfg.vocab_size)
 
 
 def test_init_from_config_validation():

@@ -21,6 +21,8 @@ from mdlm.sampling import (ancestral, categorical, confidence, decode, denoiser_
                            semi_autoregressive, time_grid, top_p_filter, unigram_entropy,
                            window_starts)
 from mdlm.sampling import ancestral_sampler as ancestral_lib
+from mdlm.sampling import confidence_sampler as confidence_lib
+from mdlm.sampling import denoisers as denoisers_lib
 from mdlm.sampling import exact as categorical_lib
 from mdlm.sampling import metrics as metrics_lib
 
@@ -484,6 +486,81 @@ def test_guidance_w0_equals_conditional_and_formula(oracle, toy):
   got = guided(toy, pm, 1.5)
   assert got.mask_id == toy.mask_id and got.max_length == L
   np.testing.assert_allclose(np.asarray(got(x, t)), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
+# ---- two-stage denoisers: the output head at the filled positions only ---------------------------
+
+
+def _positions(batch, count, seed=0):
+  """Random positions per row, with some empty slots (index L, clamped by the gather)."""
+  rng = np.random.default_rng(seed)
+  idx = np.stack([rng.permutation(L)[:count] for _ in range(batch)])
+  idx[:, -1] = L
+  return jnp.asarray(idx, jnp.int32)
+
+
+def test_staged_denoisers_equal_the_full_forward(model, toy):
+  cosine = schedules.get("cosine")
+  conditioned = build(presets.get("tiny", vocab_size=V, max_seq_len=L, d_model=32, num_heads=2,
+                                  time_conditioning=True), seed=1)
+  x = jnp.asarray(np.random.default_rng(0).integers(0, V + 1, (2, L)), jnp.int32)
+  t = jnp.array([0.3, 0.8])
+  idx = _positions(2, 7)
+  prompt = jnp.arange(L) < 4
+  plain = denoiser_from_model(model)
+  cases = {"model": plain, "time-conditioned": denoiser_from_model(conditioned, cosine),
+           "guided model": guided(plain, prompt, 1.5), "guided plain": guided(toy, prompt, 1.5)}
+  for name, denoise in cases.items():
+    features_of, logits_at = denoisers_lib.stages(denoise)
+    assert features_of is not denoise, name  # a real two-stage path, not the fallback
+    got = logits_at(features_of(x, t), idx)
+    want = jnp.take_along_axis(denoise(x, t), jnp.minimum(idx, L - 1)[..., None], axis=1)
+    assert got.shape == (2, 7, V), name
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5,
+                               err_msg=name)
+  # A plain callable: features are its logits, and logits_at gathers them exactly.
+  features_of, logits_at = denoisers_lib.stages(toy)
+  assert features_of is toy
+  np.testing.assert_array_equal(np.asarray(logits_at(toy(x, t), idx)),
+                                np.asarray(toy(x, t))[np.arange(2)[:, None],
+                                                      np.minimum(idx, L - 1)])
+
+
+def test_samplers_give_the_same_tokens_with_or_without_the_staged_head(model):
+  """The same model as a two-stage denoiser and as a plain callable (full logits, gathered)."""
+  staged = denoiser_from_model(model)
+  full = lambda x, t: staged(x, t)
+  xt, given, hole = _scattered_xt(model.mask_id, seed=4)
+  for kw in (dict(temperature=0.0), dict(temperature=0.7, block_length=5),
+             dict(threshold=0.5, block_length=8)):
+    a, sa = confidence(jax.random.key(3), staged, xt, steps=9, mask_id=model.mask_id, **kw)
+    b, sb = confidence(jax.random.key(3), full, xt, steps=9, mask_id=model.mask_id, **kw)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(kw))
+    np.testing.assert_array_equal(np.asarray(sa["fill_step"]), np.asarray(sb["fill_step"]))
+  a, _ = ancestral(jax.random.key(3), staged, xt, steps=30, schedule=LOGLINEAR,
+                   mask_id=model.mask_id)
+  b, _ = ancestral(jax.random.key(3), full, xt, steps=30, schedule=LOGLINEAR,
+                   mask_id=model.mask_id)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(a)[~hole], given[~hole])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7), dict(remasking="random"),
+                                dict(threshold=0.3, block_length=10)])
+def test_confidence_slab_width_does_not_change_the_result(toy, kw):
+  """Each step predicts the candidates in the narrowest slab that holds them; one full-block
+  slab at every step gives the same tokens, fill steps and commit counts."""
+  xt = jnp.full((3, L), toy.mask_id, jnp.int32).at[1, 2:9].set(4)
+  settings = dict(steps=L, mask_id=toy.mask_id, block_length=None, threshold=None,
+                  temperature=0.0, remasking="low_confidence")
+  xt, spec = confidence_lib.prepare(xt, toy, **{**settings, **kw})
+  assert len(spec.slab_sizes) > 1 and spec.slab_sizes[0] == spec.block_length
+  narrow = confidence_lib._confidence_jit(toy, jax.random.key(8), xt, spec=spec)
+  wide = confidence_lib._confidence_jit(
+      toy, jax.random.key(8), xt, spec=dataclasses.replace(spec, slab_sizes=spec.slab_sizes[:1]))
+  for name in ("fill_step", "commits"):
+    np.testing.assert_array_equal(np.asarray(narrow[1][name]), np.asarray(wide[1][name]))
+  np.testing.assert_array_equal(np.asarray(narrow[0]), np.asarray(wide[0]))
 
 
 # ---- text front end -----------------------------------------------------------------------------------

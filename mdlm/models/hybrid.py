@@ -81,8 +81,7 @@ class MariaHead(nnx.Module):
     """h_MLM: the denoiser's final-norm hidden states on xt, float32, no gradient."""
     if self.denoiser.cfg.time_conditioning and noise_level_B is None:
       noise_level_B = masked_fraction(xt_BxL, self.mask_id, token_mask_BxL)
-    _, hidden = self.denoiser(xt_BxL, noise_level_B, token_mask_BxL=token_mask_BxL,
-                              return_hidden=True)
+    hidden = self.denoiser.hidden_states(xt_BxL, noise_level_B, token_mask_BxL=token_mask_BxL)
     return jax.lax.stop_gradient(hidden.astype(jnp.float32))
 
   def ar_states(self, x_BxL):
@@ -90,7 +89,7 @@ class MariaHead(nnx.Module):
 
     Right padding needs no key mask here: a causal state never reads later positions.
     """
-    _, hidden = self.ar(x_BxL, return_hidden=True)
+    hidden = self.ar.hidden_states(x_BxL)
     hidden = jax.lax.stop_gradient(hidden.astype(jnp.float32))
     return jnp.pad(hidden[:, :-1], ((0, 0), (1, 0), (0, 0)))
 

@@ -240,8 +240,14 @@ class Transformer(nnx.Module):
       h = h * (1 + scale) + shift
     return h
 
-  def __call__(self, tokens_BxL, noise_level_B=None, *, token_mask_BxL=None, dropout_key=None,
-               return_hidden=False):
+  def __call__(self, tokens_BxL, noise_level_B=None, *, token_mask_BxL=None, dropout_key=None):
+    return self.logits(self.hidden_states(tokens_BxL, noise_level_B,
+                                          token_mask_BxL=token_mask_BxL, dropout_key=dropout_key))
+
+  def hidden_states(self, tokens_BxL, noise_level_B=None, *, token_mask_BxL=None,
+                    dropout_key=None):
+    """The final-norm states [B, L, D] that the output head reads (`logits` maps them to
+    [B, L, V]); a sampler that needs predictions at a few positions applies the head there only."""
     tokens_BxL = jnp.asarray(tokens_BxL)
     if tokens_BxL.ndim != 2:
       raise ValueError(f"tokens must have shape [batch, length], got {tokens_BxL.shape}.")
@@ -269,6 +275,4 @@ class Transformer(nnx.Module):
     for i, block in enumerate(self.blocks):
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
       x = block(x, positions_L, mask, cond, key)
-    hidden = self.final_hidden(x, cond)
-    logits = self.logits(hidden)
-    return (logits, hidden) if return_hidden else logits
+    return self.final_hidden(x, cond)

@@ -4,6 +4,8 @@ Every sampler is a pure function compiled whole with jax.jit: it takes a denoise
 `denoise(xt_BxL, t_B) -> logits_BxLxV` (the sampler applies SUBS), a key, the starting sequence
 xt (all mask_id for unconditional generation; given tokens + mask_id to infill or prompt) and its
 settings, and returns (tokens, stats) with stats["nfe"] (denoiser calls) and stats["steps"].
+Denoisers that also offer features/logits_at (mdlm.sampling.denoisers.stages) get their output
+head evaluated only at the positions a step fills.
 
   denoise = denoiser_from_model(model, schedule)          # a trained mdlm denoiser
   tokens, stats = ancestral(key, denoise, xt, steps=1000, schedule=schedule,

@@ -26,9 +26,10 @@ denoisers (MDLM's cache, which reuses an output at a later t, is only valid with
 conditioning; skipping is valid with it). Batch 1 with T >> L needs at most L + 1 calls.
 
 Only the positions that unmask at a step are turned into tokens: they are gathered into a
-[B, budget] slab before softmax and sampling, so the per-call overhead of the sampler is tiny
-next to the denoiser; a step with more unmasking positions than the budget is handled in several
-slabs of the same denoiser output.
+[B, budget] slab, and the denoiser's output head runs at those positions only
+(`denoisers.stages`) before softmax and sampling, so the per-call work of the sampler is tiny next
+to the denoiser; a step with more unmasking positions than the budget is handled in several
+slabs of the same denoiser features.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def unmask_steps(key, masked_BxL, r_grid):
   return jnp.where(masked_BxL, k_BxL, 0)
 
 
-def _fill(x_BxL, select_BxL, logits_BxLxV, final_B, bits_2xBxL, spec: Spec):
-  """Writes tokens at the selected positions from one denoiser output, slab by slab.
+def _fill(x_BxL, select_BxL, features, logits_at, final_B, bits_2xBxL, spec: Spec):
+  """Writes tokens at the selected positions from one denoiser call, slab by slab.
 
   final rows take the argmax (noise removal); the others draw from the tempered, top-p filtered
   SUBS distribution with each position's own uniform.
@@ -113,11 +114,11 @@ def _fill(x_BxL, select_BxL, logits_BxLxV, final_B, bits_2xBxL, spec: Spec):
 
   def slab(j, x):
     idx_BxS = common.compact(select_BxL, rank_BxL, j * size, size)
-    logits_BxSxV = common.gather_rows(logits_BxLxV, idx_BxS)
+    logits_BxSxV = logits_at(features, idx_BxS)
     b, s, v = logits_BxSxV.shape
     logits_NxV = exact.subs_logits(logits_BxSxV.reshape(b * s, v), spec.mask_id)
-    bits_2xN = jnp.stack([common.gather_rows(bits_2xBxL[0], idx_BxS),
-                          common.gather_rows(bits_2xBxL[1], idx_BxS)]).reshape(2, b * s)
+    bits_2xN = jnp.stack([denoisers.gather_rows(bits_2xBxL[0], idx_BxS),
+                          denoisers.gather_rows(bits_2xBxL[1], idx_BxS)]).reshape(2, b * s)
     drawn = exact.draw(logits_NxV, bits_2xN, temperature=spec.temperature,
                        top_p=spec.top_p).reshape(b, s)
     greedy = exact.argmax(logits_NxV).reshape(b, s)
@@ -130,6 +131,7 @@ def _fill(x_BxL, select_BxL, logits_BxLxV, final_B, bits_2xBxL, spec: Spec):
 def _ancestral_loop(denoise, key, xt_BxL, t_grid, r_grid, spec: Spec):
   b, _ = xt_BxL.shape
   steps = spec.steps
+  features_of, logits_at = denoisers.stages(denoise)
   masked0_BxL = xt_BxL == spec.mask_id
   k_BxL = unmask_steps(jax.random.fold_in(key, 0), masked0_BxL, r_grid)
   bits_2xBxL = exact.uniform_bits(jax.random.fold_in(key, 1), xt_BxL.shape)
@@ -145,17 +147,18 @@ def _ancestral_loop(denoise, key, xt_BxL, t_grid, r_grid, spec: Spec):
       masked = x == spec.mask_id
       step_B = jnp.min(jnp.where(masked, k_BxL, never), axis=1)  # each row's next step
       t_B = t_grid[jnp.clip(step_B - 1, 0, steps)]
-      logits = denoise(x, t_B)
+      features = features_of(x, t_B)
       select = masked & (k_BxL == step_B[:, None])
-      x = _fill(x, select, logits, step_B == steps + 1, bits_2xBxL, spec)
+      x = _fill(x, select, features, logits_at, step_B == steps + 1, bits_2xBxL, spec)
       return x, nfe + 1
 
     x, nfe = jax.lax.while_loop(cond, body, (xt_BxL, jnp.int32(0)))
   else:
     def step(k, x):
-      logits = denoise(x, jnp.full((b,), t_grid[k - 1]))
+      features = features_of(x, jnp.full((b,), t_grid[k - 1]))
       select = (x == spec.mask_id) & (k_BxL == k)
-      return _fill(x, select, logits, jnp.full((b,), k == steps + 1), bits_2xBxL, spec)
+      return _fill(x, select, features, logits_at, jnp.full((b,), k == steps + 1), bits_2xBxL,
+                   spec)
 
     x = jax.lax.fori_loop(1, steps + 2, step, xt_BxL)
     nfe = jnp.int32(steps + 1)

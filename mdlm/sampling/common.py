@@ -66,15 +66,6 @@ def jit_with_denoiser(impl, static_argnames=()):
   return call
 
 
-def gather_rows(x_BxLx, idx_BxS):
-  """x[b, idx[b, s]] for every row ([B, L] or [B, L, V] input); out-of-range indices (the 'empty
-  slot' value L) are clamped (callers mask those slots). take_along_axis: on CPU it is an order
-  of magnitude faster than the equivalent fancy indexing for [B, L, V] slabs."""
-  idx_BxS = jnp.minimum(idx_BxS, x_BxLx.shape[1] - 1)
-  extra = x_BxLx.ndim - 2
-  return jnp.take_along_axis(x_BxLx, idx_BxS.reshape(idx_BxS.shape + (1,) * extra), axis=1)
-
-
 def scatter_rows(x_BxL, idx_BxS, values_BxS):
   """x[b, idx[b, s]] = values[b, s]; slots with idx = L are dropped."""
   rows_Bx1 = jnp.arange(idx_BxS.shape[0])[:, None]

@@ -37,8 +37,9 @@ FUNCTION_FIELDS = {
     "kind": "the weights are reused as they are (e.g. AR -> diffusion adaptation)",
     "rope_theta": "the rotary frequencies change, so every position is encoded differently",
     # Positions are rotary: no parameter depends on the length, so a fine-tune may extend it.
-    "max_seq_len": "no parameter depends on it (rotary positions), but positions beyond the "
-                   "source's length were never trained: fine-tune at the new data.seq_len",
+    "max_seq_len": "no parameter depends on it (rotary positions); positions beyond the "
+                   "source's length, if any, were never trained, so fine-tune at the new "
+                   "data.seq_len",
 }
 
 

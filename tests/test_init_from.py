@@ -204,16 +204,30 @@ def test_kind_change_is_allowed_with_a_warning(caplog):
              for r in caplog.records)
 
 
-def test_context_extension_starts_from_the_source_weights(tmp_path, tiny_run, caplog):
+def test_context_extension_starts_from_the_source_weights(tmp_path, tiny_run, caplog,
+                                                         monkeypatch):
   """A longer model.max_seq_len than the source's, trained at a data.seq_len the source never
-  saw: allowed with a warning, and the starting weights are the source's, bit for bit."""
+  saw: allowed with a warning, the starting weights are the source's, bit for bit, and the
+  training batches have the new length."""
   src = checkpointing.load_config(tiny_run)
   cfg = _finetune_config(tiny_run)
   cfg.model = cfg.model.replace(max_seq_len=2 * src.model.max_seq_len)
   cfg.data.seq_len = src.model.max_seq_len + 32
   run_dir = str(tmp_path / "long")
+  shapes, make_step = [], train.make_train_step
+
+  def spy(*a, **k):
+    step = make_step(*a, **k)
+
+    def recorded(state, batch):
+      shapes.append(batch["tokens"].shape)
+      return step(state, batch)
+    return recorded
+
+  monkeypatch.setattr(train, "make_train_step", spy)
   with caplog.at_level("WARNING", logger="mdlm.finetune"):
     train.run(cfg, run_dir)
+  assert shapes == [(cfg.train.batch_size, cfg.data.seq_len)]
   assert any(f"model.max_seq_len={2 * src.model.max_seq_len} here, {src.model.max_seq_len} in "
              "the source" in r.getMessage() for r in caplog.records)
   _assert_same(_weights(run_dir, ema=False), _weights(tiny_run, ema=True))

@@ -16,7 +16,8 @@ from scipy import stats as sstats
 
 from mdlm import schedules
 from mdlm.models import build, presets
-from mdlm.sampling import (ancestral, categorical, confidence, decode, denoiser_from_model,
+from mdlm.sampling import (ModelDenoiser, ancestral, categorical, confidence, decode,
+                           denoiser_from_model,
                            guided, infill, inverse_cdf, parse_template, prompt_tokens,
                            semi_autoregressive, time_grid, top_p_filter, unigram_entropy,
                            window_starts)
@@ -526,10 +527,22 @@ def test_staged_denoisers_equal_the_full_forward(model, toy):
                                                       np.minimum(idx, L - 1)])
 
 
+@jax.tree_util.register_pytree_node_class
+class _StagesOnly(ModelDenoiser):
+  """A model denoiser whose full forward is unavailable: a sampler must use the two stages."""
+
+  def __call__(self, xt_BxL, t_B):
+    raise AssertionError("the sampler called the full forward instead of the two stages")
+
+
 def test_samplers_give_the_same_tokens_with_or_without_the_staged_head(model):
-  """The same model as a two-stage denoiser and as a plain callable (full logits, gathered)."""
-  staged = denoiser_from_model(model)
-  full = lambda x, t: staged(x, t)
+  """The same model as a two-stage denoiser and as a plain callable (full logits, gathered).
+  Exact equality holds here because no step meets a near-tie (the head at a few positions may
+  round differently from the full head: see mdlm.sampling.denoisers)."""
+  plain = denoiser_from_model(model)
+  children, aux = plain.tree_flatten()
+  staged = _StagesOnly.tree_unflatten(aux, children)
+  full = lambda x, t: plain(x, t)
   xt, given, hole = _scattered_xt(model.mask_id, seed=4)
   for kw in (dict(temperature=0.0), dict(temperature=0.7, block_length=5),
              dict(threshold=0.5, block_length=8)):
@@ -560,6 +573,16 @@ def test_confidence_slab_width_does_not_change_the_result(toy, kw):
       toy, jax.random.key(8), xt, spec=dataclasses.replace(spec, slab_sizes=spec.slab_sizes[:1]))
   for name in ("fill_step", "commits"):
     np.testing.assert_array_equal(np.asarray(narrow[1][name]), np.asarray(wide[1][name]))
+  used = set(np.asarray(narrow[1]["slab_width"]).tolist()) - {0}
+  assert len(used) > 1 and used <= set(spec.slab_sizes)  # the narrow widths were really used
+  assert set(np.asarray(wide[1]["slab_width"]).tolist()) - {0} == {spec.block_length}
+  if spec.block_length == L:  # one block: a step's candidates are the row's masked positions
+    commits_SxB = np.asarray(narrow[1]["commits"])
+    masked_SxB = np.asarray(xt == toy.mask_id).sum(1)[None] - (np.cumsum(commits_SxB, 0)
+                                                               - commits_SxB)
+    for width, need in zip(np.asarray(narrow[1]["slab_width"]), masked_SxB.max(1)):
+      if width:  # the narrowest width that holds the fullest row
+        assert width == min(w for w in spec.slab_sizes if w >= need), (width, need)
   np.testing.assert_array_equal(np.asarray(narrow[0]), np.asarray(wide[0]))
 
 

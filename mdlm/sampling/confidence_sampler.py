@@ -63,7 +63,8 @@ class Spec:
 def _slab_sizes(block_length: int, smallest: int = 8) -> tuple:
   """Widths block_length, ceil(block_length / 2), ... down to `smallest`: a step works on the
   narrowest one that holds every row's candidates, so the output head and the softmax over V run
-  at about 4/3 of the still-masked count on average rather than at the whole block."""
+  at about 4/3 of the fullest row's still-masked count on average rather than at the whole
+  block. Each width is one branch of a lax.switch (compiled once each, about log2 of the block)."""
   sizes = [block_length]
   while sizes[-1] > smallest:
     sizes.append(max(smallest, -(-sizes[-1] // 2)))
@@ -117,8 +118,9 @@ def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
 
   def commit(size, features, x, fill_BxL, candidate_BxL, k_B, step_key, i):
     """Predicts the candidates, compacted left to right into a [B, size] slab, and commits the
-    count_B best of each row. Random numbers are drawn per position of the sequence, so the
-    result does not depend on the slab width."""
+    count_B best of each row. Random numbers are drawn per position of the sequence, so with a
+    plain denoiser the result does not depend on the slab width (a two-stage one only through
+    float rounding of the head at another width)."""
     rank_BxL = jnp.cumsum(candidate_BxL, axis=1, dtype=jnp.int32) - 1
     idx_BxS = common.compact(candidate_BxL, rank_BxL, 0, size)
     valid_BxS = idx_BxS < length
@@ -148,7 +150,7 @@ def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
   branches = [functools.partial(commit, size) for size in spec.slab_sizes]
 
   def step(carry):
-    i, x, nfe, commits_SxB, fill_BxL = carry
+    i, x, nfe, commits_SxB, fill_BxL, width_S = carry
     candidate_BxL = (x == spec.mask_id) & (block_BxL == block_of_step[i])
     remaining_B = jnp.sum(candidate_BxL, axis=1, dtype=jnp.int32)
     steps_left = steps_in_block[block_of_step[i]] - step_in_block[i]
@@ -163,13 +165,16 @@ def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
     x, fill_BxL, commits_B = jax.lax.switch(branch, branches, features, x, fill_BxL,
                                             candidate_BxL, k_B, jax.random.fold_in(key, i), i)
     commits_SxB = commits_SxB.at[i].set(commits_B)
-    return next_active_step(i, x), x, nfe + 1, commits_SxB, fill_BxL
+    width_S = width_S.at[i].set(sizes[branch])
+    return next_active_step(i, x), x, nfe + 1, commits_SxB, fill_BxL, width_S
 
   init = (next_active_step(-1, xt_BxL), xt_BxL, jnp.int32(0),
-          jnp.zeros((spec.steps, b), jnp.int32), jnp.zeros((b, length), jnp.int32))
-  _, x, nfe, commits_SxB, fill_BxL = jax.lax.while_loop(lambda c: c[0] < spec.steps, step, init)
+          jnp.zeros((spec.steps, b), jnp.int32), jnp.zeros((b, length), jnp.int32),
+          jnp.zeros((spec.steps,), jnp.int32))
+  _, x, nfe, commits_SxB, fill_BxL, width_S = jax.lax.while_loop(
+      lambda c: c[0] < spec.steps, step, init)
   return x, {"nfe": nfe, "steps": jnp.int32(spec.steps), "commits": commits_SxB,
-             "fill_step": fill_BxL}
+             "fill_step": fill_BxL, "slab_width": width_S}
 
 
 def _confidence_impl(static_fn, fn_arrays, key, xt_BxL, *, spec: Spec):
@@ -225,8 +230,8 @@ def confidence(key, denoise, xt, *, steps: int, mask_id: int, block_length: Opti
   remasking: "low_confidence" (keep the most probable) or "random" (LLaDA's random remasking).
 
   Returns (tokens, stats): stats["nfe"], stats["steps"], stats["commits"] [steps, B] (tokens
-  committed per step) and stats["fill_step"] [B, L] (1-based step that filled each position; 0 if
-  given).
+  committed per step), stats["fill_step"] [B, L] (1-based step that filled each position; 0 if
+  given) and stats["slab_width"] [steps] (positions the output head ran at; 0: step skipped).
   """
   xt, spec = prepare(xt, denoise, steps=steps, mask_id=mask_id, block_length=block_length,
                      threshold=threshold, temperature=temperature, remasking=remasking)

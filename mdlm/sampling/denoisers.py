@@ -16,10 +16,11 @@ two thirds of the FLOPs, half of the time on a CPU). A denoiser may therefore al
   features(xt_BxL, t_B) -> F              everything that looks at the whole sequence
   logits_at(F, positions_BxS) -> logits_BxSxV   the head at the given positions only
 
-with logits_at(features(xt, t), idx) equal to denoise(xt, t) gathered at idx (up to float
-rounding of the smaller matmul). `stages(denoise)` returns this pair for any denoiser; for a plain
-callable F is the full logits and logits_at gathers them, so the samplers' results do not depend
-on which kind they are given.
+with logits_at(features(xt, t), idx) equal to denoise(xt, t) gathered at idx, up to the float
+rounding of a smaller matmul (XLA may pick another kernel for a few rows: differences of about
+one ulp, which can flip a near-tie). `stages(denoise)` returns this pair for any denoiser, and
+the samplers call only these two when both exist: a subclass that overrides `__call__` alone is
+bypassed. For a plain callable F is the full logits and logits_at gathers them exactly.
 
 Samplers are jit-compiled with the denoiser as an argument. A denoiser that is a pytree (the
 model adapter and the guidance wrapper below) passes its arrays as traced inputs, so parameters

@@ -9,6 +9,7 @@
   python -m mdlm.sample run=runs/x evaluator=runs/ar      # + generative perplexity
   python -m mdlm.sample run=runs/maria sampler=maria 'template="The [MASK*5] of Denmark"'
       # a MARIA run (experiment=maria): denoiser pass + KV-cached AR decoding through the head
+  python -m mdlm.sample run=runs/x mesh=fsdp batch_size=64   # parameters and batch over devices
 
 Writes the text of each sample to stdout and one JSON object per sample to a JSON Lines file
 (`output=`, default <run>/samples/<sampler>-seed<seed>.jsonl); a summary (NFE, unigram entropy,
@@ -70,12 +71,33 @@ def _load(cfg: config_lib.SampleConfig):
   return loaded, sampling.denoiser_from_model(loaded.model, loaded.config.noise.build())
 
 
+def _mesh(cfg: config_lib.SampleConfig):
+  """The device mesh (None on one device), checked against batch_size before anything loads."""
+  from mdlm import sharding
+  m = cfg.mesh
+  mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
+  sharding.rules_dict(m.rules)
+  if mesh.size == 1 or cfg.sampler.name == "maria":
+    return None
+  split = sharding.batch_divisor(mesh)
+  if cfg.batch_size % split:
+    raise ValueError(
+        f"batch_size={cfg.batch_size} is not a multiple of the {split} batch shards of the mesh "
+        f"(data, fsdp, tensor)={tuple(mesh.shape.values())}; set batch_size="
+        f"{-(-cfg.batch_size // split) * split}, or mesh.data/mesh.fsdp so that "
+        "data x fsdp divides it.")
+  return mesh
+
+
 def run(cfg: config_lib.SampleConfig) -> dict:
   """Samples, writes the JSON Lines file and returns the summary."""
   config_lib.validate(cfg)
-  from mdlm import sampling
+  from mdlm import sampling, sharding
   s = cfg.sampler
+  mesh = _mesh(cfg)
   loaded, denoise = _load(cfg)
+  if mesh is not None:
+    denoise = sampling.shard_denoiser(denoise, mesh, cfg.mesh.rules)
   tokenizer, train_cfg = loaded.tokenizer, loaded.config
   model = loaded.head if s.name == "maria" else loaded.model
   schedule = train_cfg.noise.build()
@@ -107,6 +129,8 @@ def run(cfg: config_lib.SampleConfig) -> dict:
     count = min(cfg.batch_size, cfg.num_samples - b * cfg.batch_size)
     # Every batch has batch_size rows (one compile); the surplus rows of the last are dropped.
     xt = jnp.broadcast_to(jnp.asarray(xt_L), (cfg.batch_size, length))
+    if mesh is not None:
+      xt = jax.device_put(xt, sharding.batch_sharding(mesh))
     tokens, stats = sampling.run_sampler(jax.random.fold_in(key, b), denoise, xt,
                                          sampler=s.name, **settings)
     nfe_total += int(stats["nfe"])

@@ -740,6 +740,63 @@ def test_sample_cli_end_to_end(tmp_path):
   assert bad.returncode != 0 and "maximum sequence length" in bad.stderr
 
 
+def test_sharded_sampling_equals_one_device(tiny_run, tmp_path):
+  """`python -m mdlm.sample` on a (data 2, fsdp 2) mesh of 4 simulated CPU devices: parameters
+  sharded by the training rules, batch split over data x fsdp. The sharded denoiser's logits
+  equal the unsharded ones to float rounding (FSDP reduces in another order), so the samples
+  agree with the unsharded sampler's for the same key except where a rounding flips a draw and
+  its block follows another path. A batch size the mesh cannot split is refused before
+  loading."""
+  import textwrap
+  from tests.helpers import run_python
+  script = textwrap.dedent("""
+      import dataclasses, sys, jax, numpy as np
+      from mdlm import checkpointing, sample, sharding
+      from mdlm.config import MeshConfig
+      from mdlm.sampling import config as config_lib, denoiser_from_model, run_sampler
+      from mdlm.sampling import shard_denoiser
+      run_dir, out = sys.argv[1], sys.argv[2]
+      sampler = config_lib.SamplerConfig(name="confidence", steps=8, block_length=8,
+                                         temperature=0.7)
+      cfg = config_lib.SampleConfig(run=run_dir, sampler=sampler, num_samples=4, batch_size=4,
+                                    length=24, output=out, print_samples=False, progress=False,
+                                    mesh=MeshConfig(data=2, fsdp=2, tensor=1))
+      tokens = np.array([it["tokens"] for it in sample.run(cfg)["samples"]])
+      loaded = checkpointing.load_run(run_dir)
+      plain = denoiser_from_model(loaded.model, loaded.config.noise.build())
+      mask_id = loaded.model.mask_id
+      xt_L, _ = sample._starting_sequence(cfg, loaded.tokenizer, mask_id, 24)
+      xt = np.broadcast_to(np.asarray(xt_L, np.int32), (4, 24))
+      want, _ = run_sampler(jax.random.fold_in(jax.random.key(0), 0), plain, xt,
+                            sampler="confidence", **sampler.settings(None, mask_id))
+      assert jax.device_count() == 4
+      assert tokens.shape == (4, 24) and np.all(tokens[xt != mask_id] == xt[xt != mask_id])
+      assert np.all(tokens < mask_id) and np.mean(tokens == np.asarray(want)) >= 0.9
+      mesh = sharding.make_mesh(2, 2, 1)
+      placed = shard_denoiser(plain, mesh, cfg.mesh.rules)
+      assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(placed.state))
+      x = jax.device_put(np.asarray(want), sharding.batch_sharding(mesh))
+      t = np.full((4,), 0.5, np.float32)
+      idx = np.tile(np.arange(0, 24, 3, dtype=np.int32), (4, 1))
+      for got, ref in ((placed(x, t), plain(want, t)),
+                       (placed.logits_at(placed.features(x, t), idx),
+                        plain.logits_at(plain.features(want, t), idx))):
+        assert not got.sharding.is_fully_replicated  # the batch stays split
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+      try:
+        sample.run(dataclasses.replace(cfg, batch_size=3))
+        raise AssertionError("batch_size=3 on 4 batch shards was not refused")
+      except ValueError as e:
+        assert "batch_size=3 is not a multiple of the 4 batch shards" in str(e), e
+        assert "set batch_size=4" in str(e), e
+      print("ok")
+  """)
+  proc = run_python(["-c", script, tiny_run, str(tmp_path / "samples.jsonl")],
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == "ok"
+
+
 @pytest.fixture(scope="module")
 def notebook_runs(tmp_path_factory):
   """One run root for both notebooks: the second reuses the runs the first trained."""

@@ -20,7 +20,8 @@ head evaluated only at the positions a step fills.
 from mdlm.sampling.ancestral_sampler import ancestral, time_grid
 from mdlm.sampling.exact import categorical, inverse_cdf, top_p_filter
 from mdlm.sampling.confidence_sampler import confidence
-from mdlm.sampling.denoisers import Guided, ModelDenoiser, denoiser_from_model, guided
+from mdlm.sampling.denoisers import (Guided, ModelDenoiser, denoiser_from_model, guided,
+                                     shard_denoiser)
 from mdlm.sampling.metrics import (generative_perplexity, generative_perplexity_text,
                                    unigram_entropy)
 from mdlm.sampling.semi_ar import semi_autoregressive, window_starts
@@ -28,6 +29,7 @@ from mdlm.sampling.text import (decode, infill, parse_template, prompt_tokens, r
 
 __all__ = [
     "ancestral", "confidence", "semi_autoregressive", "guided", "denoiser_from_model",
+    "shard_denoiser",
     "ModelDenoiser", "Guided", "categorical", "inverse_cdf", "top_p_filter", "time_grid",
     "window_starts", "infill", "parse_template", "prompt_tokens", "decode", "run_sampler",
     "generative_perplexity", "generative_perplexity_text", "unigram_entropy",

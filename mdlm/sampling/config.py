@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from mdlm.config import MeshConfig
+
 SAMPLERS = ("ancestral", "confidence", "semi_ar", "maria")
 
 
@@ -65,6 +67,10 @@ class SampleConfig:
     [MASK*n] markers to fill (quote it for Hydra: 'template="The [MASK*5] of Denmark"').
   output: JSON Lines file (default <run>/samples/<sampler>-seed<seed>.jsonl).
   evaluator: an AR run directory for generative perplexity (optional).
+  mesh: the (data, fsdp, tensor) device mesh, as in training. By default every device is on the
+    data axis. With more than one device the denoiser's parameters are placed by mesh.rules and
+    each batch is split over data x fsdp, so batch_size must be a multiple of that size. The
+    maria sampler runs on one device.
   """
 
   run: str = "???"
@@ -82,6 +88,7 @@ class SampleConfig:
   evaluator: Optional[str] = None
   print_samples: bool = True
   progress: bool = True
+  mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 def validate(cfg: SampleConfig) -> SampleConfig:

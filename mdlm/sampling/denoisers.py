@@ -111,6 +111,25 @@ class ModelDenoiser:
     return cls(graph, children[0], schedule, tc, mask_id, vocab, max_len)
 
 
+def shard_denoiser(denoise: ModelDenoiser, mesh, rules) -> ModelDenoiser:
+  """The same denoiser with its parameters placed on `mesh` by the logical-axis rules the trainer
+  uses (mdlm.sharding; config `mesh.rules`). A sampler called with it and with xt placed by
+  `mdlm.sharding.batch_sharding(mesh)` then runs data-, FSDP- and tensor-parallel under jit: the
+  samplers work row by row, so the batch sharding carries through their loops."""
+  from mdlm import sharding
+  if not isinstance(denoise, ModelDenoiser):
+    raise TypeError(f"shard_denoiser needs a model denoiser (denoiser_from_model), got "
+                    f"{type(denoise).__name__}; wrap a sharded one with guided() afterwards.")
+  state = denoise.state
+  placements = sharding.tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(state)),
+                                       sharding.rules_dict(rules), mesh,
+                                       nnx.to_pure_dict(state))
+  placed = jax.tree.map(lambda x: x, state)  # a copy: the caller's denoiser keeps its arrays
+  nnx.replace_by_pure_dict(placed, jax.device_put(nnx.to_pure_dict(state), placements))
+  return ModelDenoiser(denoise.graph, placed, denoise.schedule, denoise.time_conditioned,
+                       denoise.mask_id, denoise.vocab_size, denoise.max_length)
+
+
 def denoiser_from_model(model, schedule=None) -> ModelDenoiser:
   """Wraps a trained mdlm denoiser (mdlm.models.Transformer) as `denoise(xt, t) -> logits`.
 

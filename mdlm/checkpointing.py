@@ -147,18 +147,24 @@ def _read_only_manager(ckpt_dir: str) -> ocp.CheckpointManager:
     absl.logging.set_verbosity(level)
 
 
-def checkpoint_steps(run_dir: str) -> list[int]:
-  """The saved steps of a run, oldest first; FileNotFoundError when it has none."""
+def _open_checkpoints(run_dir: str) -> tuple[ocp.CheckpointManager, list[int]]:
+  """A read-only manager of the run's checkpoints and its steps, oldest first (the caller closes
+  the manager); FileNotFoundError when there is none."""
   ckpt_dir = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"{run_dir} has no checkpoints/ directory; train it first.")
   mgr = _read_only_manager(ckpt_dir)
-  try:
-    steps = sorted(mgr.all_steps())
-  finally:
-    mgr.close()
+  steps = sorted(mgr.all_steps())
   if not steps:
+    mgr.close()
     raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint.")
+  return mgr, steps
+
+
+def checkpoint_steps(run_dir: str) -> list[int]:
+  """The saved steps of a run, oldest first; FileNotFoundError when it has none."""
+  mgr, steps = _open_checkpoints(run_dir)
+  mgr.close()
   return steps
 
 
@@ -176,13 +182,12 @@ def restore_params(run_dir: str, params_abs, *, ema: bool = True, step: Optional
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, params_abs)
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
-  steps = checkpoint_steps(run_dir)
-  if step is not None and step not in steps:
-    raise CheckpointError(f"{run_dir}/checkpoints has no step {step}; it has {steps}.")
-  candidates = sorted(steps, reverse=True) if step is None else [step]
-  mgr = _read_only_manager(os.path.join(run_dir, "checkpoints"))
+  mgr, steps = _open_checkpoints(run_dir)
   last_error = None
   try:
+    if step is not None and step not in steps:
+      raise CheckpointError(f"{run_dir}/checkpoints has no step {step}; it has {steps}.")
+    candidates = sorted(steps, reverse=True) if step is None else [step]
     for s in candidates:
       try:
         # Partial restore: only the one parameter tree asked for (no optimizer state, no copy of

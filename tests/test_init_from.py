@@ -292,9 +292,8 @@ def test_meap_sft_finetune_from_an_ar_run(tmp_path, tiny_ar_run):
   cfg.data = _cfg(_write(tmp_path / "sft.jsonl", _records()), seq_len=48)
   run_dir = str(tmp_path / "sft")
   train.run(cfg, run_dir)
-  metrics = read_metrics(run_dir)
-  losses = [m["train/loss"] for m in metrics if "train/loss" in m]
-  evals = [m["val/nll"] for m in metrics if "val/nll" in m]
+  losses = list(train_losses(run_dir).values())
+  evals = [m["val/nll"] for m in read_metrics(run_dir) if "val/nll" in m]
   assert len(losses) == 4 and np.all(np.isfinite(losses)) and np.isfinite(evals[-1])
   assert json.load(open(f"{run_dir}/status.json"))["state"] == "finished"
   assert finetune.read_provenance(run_dir)["objective"] == "ar"

@@ -202,15 +202,14 @@ def test_ar_objective_scores_the_labels():
 
 def test_train_meap_sft_end_to_end(tmp_path):
   from mdlm import train
-  from tests.helpers import read_metrics, tiny_config
+  from tests.helpers import read_metrics, tiny_config, train_losses
   cfg = tiny_config(steps=6, eval_every=6, log_every=1, objective="ar")
   cfg.model = cfg.model.replace(kind="ar")
   cfg.data = _cfg(_write(tmp_path / "sft.jsonl", _records()), seq_len=32)
   run_dir = str(tmp_path / "run")
   train.run(cfg, run_dir)
-  metrics = read_metrics(run_dir)
-  losses = [m["train/loss"] for m in metrics if "train/loss" in m]
-  evals = [m for m in metrics if "val/nll" in m]
+  losses = list(train_losses(run_dir).values())
+  evals = [m for m in read_metrics(run_dir) if "val/nll" in m]
   assert len(losses) == 6 and all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert evals and np.isfinite(evals[-1]["val/nll"])
   from mdlm import checkpointing

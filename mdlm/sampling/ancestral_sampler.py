@@ -117,8 +117,7 @@ def _fill(x_BxL, select_BxL, features, logits_at, final_B, bits_2xBxL, spec: Spe
     logits_BxSxV = logits_at(features, idx_BxS)
     b, s, v = logits_BxSxV.shape
     logits_NxV = exact.subs_logits(logits_BxSxV.reshape(b * s, v), spec.mask_id)
-    bits_2xN = jnp.stack([denoisers.gather_rows(bits_2xBxL[0], idx_BxS),
-                          denoisers.gather_rows(bits_2xBxL[1], idx_BxS)]).reshape(2, b * s)
+    bits_2xN = common.gather_bits(bits_2xBxL, idx_BxS).reshape(2, b * s)
     drawn = exact.draw(logits_NxV, bits_2xN, temperature=spec.temperature,
                        top_p=spec.top_p).reshape(b, s)
     greedy = exact.argmax(logits_NxV).reshape(b, s)

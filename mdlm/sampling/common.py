@@ -66,6 +66,12 @@ def jit_with_denoiser(impl, static_argnames=()):
   return call
 
 
+def gather_bits(bits_2xBxL, idx_BxS):
+  """The random words (exact.uniform_bits, [2, B, L]) of the positions idx: [2, B, S]."""
+  return jnp.stack([denoisers.gather_rows(bits_2xBxL[0], idx_BxS),
+                    denoisers.gather_rows(bits_2xBxL[1], idx_BxS)])
+
+
 def scatter_rows(x_BxL, idx_BxS, values_BxS):
   """x[b, idx[b, s]] = values[b, s]; slots with idx = L are dropped."""
   rows_Bx1 = jnp.arange(idx_BxS.shape[0])[:, None]

@@ -127,8 +127,7 @@ def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
     bits_2xBxS = None
     if spec.temperature > 0.0:
       bits_2xBxL = exact.uniform_bits(jax.random.fold_in(step_key, 0), (b, length))
-      bits_2xBxS = jnp.stack([denoisers.gather_rows(bits_2xBxL[0], idx_BxS),
-                              denoisers.gather_rows(bits_2xBxL[1], idx_BxS)])
+      bits_2xBxS = common.gather_bits(bits_2xBxL, idx_BxS)
     tokens_BxS, log_conf_BxS = _predict(logits_at(features, idx_BxS), bits_2xBxS, spec)
     if spec.remasking == "random":
       u_BxL = jax.random.uniform(jax.random.fold_in(step_key, 1), (b, length))

@@ -1,5 +1,6 @@
 """Data: sources, tokenizers, layouts, split, sharding, caches, iterator state, prepare CLI."""
 
+import ast
 import gzip
 import io
 import json
@@ -14,7 +15,8 @@ import pytest
 
 from mdlm import data
 from mdlm.config import DataConfig, TokenizerConfig
-from mdlm.data import prepare, sources, tokenizers
+from mdlm.data import prepare, shards, sources, tokenizers
+from tests.helpers import REPO, run_python
 
 NUM_DOCS = 48
 
@@ -412,3 +414,117 @@ def test_prepare_cli_runs_as_module(tmp_path, capsys):
   assert prepare.main(["--out", str(tmp_path / "out2"), "data.source=text",
                        f"data.path={tmp_path / 'missing.txt'}"]) == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+# A child that lacks CAP_DAC_OVERRIDE: root ignores directory permissions otherwise, so a
+# read-only directory would not be read-only for a test run as root (a no-op for other users).
+_PREPARE_WITHOUT_DAC_OVERRIDE = """
+import ctypes, runpy, sys
+class Header(ctypes.Structure):
+  _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class Data(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
+libc = ctypes.CDLL(None, use_errno=True)
+header, caps = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+if libc.capget(ctypes.byref(header), caps) == 0:
+  caps[0].effective &= ~(1 << 1)  # CAP_DAC_OVERRIDE
+  assert libc.capset(ctypes.byref(header), caps) == 0
+sys.argv = ["prepare"] + sys.argv[1:]
+runpy.run_module("mdlm.data.prepare", run_name="__main__")
+"""
+
+
+def _one_line_error(run) -> str:
+  assert run.returncode == 2, (run.returncode, run.stderr)
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+  return lines[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="drops a Linux capability")
+def test_prepare_out_under_a_file_or_unwritable_is_one_line(tmp_path):
+  corpus = tmp_path / "c.txt"
+  corpus.write_text("".join(f"To be, or not to be: line {i}\n" for i in range(60)))
+  overrides = ["data.source=text", f"data.path={corpus}", "tokenizer.kind=byte"]
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("keep me")
+  line = _one_line_error(run_python(["-m", "mdlm.data.prepare", "--out",
+                                     str(a_file / "shards"), *overrides], timeout=120))
+  assert str(a_file) in line and "not a directory" in line and "choose an --out" in line
+  assert a_file.read_text() == "keep me"
+  read_only = tmp_path / "read_only"
+  read_only.mkdir()
+  read_only.chmod(0o555)
+  try:
+    line = _one_line_error(run_python(["-c", _PREPARE_WITHOUT_DAC_OVERRIDE, "--out",
+                                       str(read_only / "new" / "shards"), *overrides],
+                                      timeout=120))
+    assert "Permission denied" in line and str(read_only) in line and "writable" in line
+    assert os.listdir(read_only) == []
+  finally:
+    read_only.chmod(0o755)
+  assert sorted(os.listdir(tmp_path)) == ["c.txt", "notes.txt", "read_only"]
+
+
+def test_prepare_failure_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):
+  corpus = tmp_path / "c.txt"
+  corpus.write_text("".join(f"To be, or not to be: line {i}\n" for i in range(60)))
+  args = ["data.source=text", f"data.path={corpus}", "tokenizer.kind=byte"]
+  out = tmp_path / "deep" / "shards"
+  assert prepare.main(["--out", str(out), *args]) == 0
+  before = {f: (out / f).read_bytes() for f in os.listdir(out) if (out / f).is_file()}
+  close = shards.SplitWriter.close
+
+  def full_disk_at_val(writer):
+    if writer.split == "val":  # the train split is already on disk
+      raise OSError(28, "No space left on device", os.path.join(writer.out_dir, "val"))
+    return close(writer)
+
+  monkeypatch.setattr(shards.SplitWriter, "close", full_disk_at_val)
+  capsys.readouterr()
+  # A failed --overwrite keeps the old shards; a failed new --out leaves no directory at all.
+  assert prepare.main(["--out", str(out), "--overwrite", *args]) == 2
+  assert {f: (out / f).read_bytes() for f in os.listdir(out) if (out / f).is_file()} == before
+  assert os.listdir(tmp_path / "deep") == ["shards"]
+  assert prepare.main(["--out", str(tmp_path / "new" / "shards"), *args]) == 2
+  assert sorted(os.listdir(tmp_path)) == ["c.txt", "deep"]
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2 and all("No space left on device" in e for e in err), err
+  assert all("nothing was written to --out" in e for e in err)
+
+
+def _imports(path) -> tuple[set[str], list[tuple[str, str]]]:
+  """(mdlm.data modules `path` imports anywhere, [(function, module) of imports in functions])."""
+  tree = ast.parse(open(path).read())
+  modules, inner = set(), []
+  for fn in [None] + [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+    for node in ast.walk(fn or tree):
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+      else:
+        continue
+      modules |= {n.split(".")[2] for n in names if n.startswith("mdlm.data.")}
+      if fn is not None:
+        inner.append((fn.name, names[-1]))
+  return modules, inner
+
+
+def test_data_modules_form_layers():
+  """No import cycle among mdlm.data's modules (imports inside functions included), and the only
+  import left inside a function is the optional `datasets` package."""
+  directory = os.path.join(REPO, "mdlm", "data")
+  graph, inner = {}, []
+  for name in sorted(os.listdir(directory)):
+    if name.endswith(".py") and name != "__init__.py":
+      deps, fn_imports = _imports(os.path.join(directory, name))
+      graph[name[:-3]] = deps - {name[:-3]}
+      inner += [(name[:-3], *i) for i in fn_imports]
+
+  def reaches(start, goal, seen=()):
+    return any(d == goal or (d not in seen and reaches(d, goal, seen + (d,)))
+               for d in graph.get(start, ()))
+
+  assert [m for m in graph if reaches(m, m)] == []
+  assert inner == [("sources", "hf_documents", "datasets")]

@@ -1,5 +1,7 @@
 """Scaling-law tooling: families, planner, collector, launcher, fits (Approaches 1-3), plots."""
 
+import ast
+import importlib
 import json
 import math
 import os
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import threadpoolctl
 import yaml
 
 from mdlm.models.config import ModelConfig
@@ -516,6 +519,79 @@ def test_plan_cli(tmp_path, capsys):
   assert len(load_jobs(tmp_path / "plan")) == len(plan_sweep(recipe)[0])
   assert main(["plan", str(path), "--out", str(tmp_path / "p2"), "--budgets", "1e2"]) == 2
   assert "smaller than one step" in capsys.readouterr().err
+
+
+def test_cli_defaults_follow_the_plan_directory(tmp_path, capsys, monkeypatch):
+  """The README's lines: collect PLAN -> PLAN/../results.csv + curves.csv, fit DIR/results.csv ->
+  DIR/fits.json (over DIR/curves.csv), plot DIR/fits.json -> DIR/scaling.png/.svg."""
+  from mdlm.scaling.__main__ import main
+  monkeypatch.chdir(tmp_path)
+  recipe = _recipe(tmp_path, kinds=["denoiser"], budgets=[1e11])
+  jobs, skipped = plan_sweep(recipe)
+  write_plan(recipe, jobs, skipped, tmp_path / "sweep" / "plan")
+  j = jobs[0]
+  _write_run(Path(j.run_dir), steps=j.steps, state="finished", evals=[(10, 4.0), (j.steps, 3.5)],
+             model={"kind": "denoiser", "name": j.size, "num_layers": j.num_layers,
+                    "d_model": j.d_model, "num_heads": j.num_heads, "vocab_size": 260})
+  capsys.readouterr()
+  assert main(["collect", "sweep/plan"]) == 0
+  out = capsys.readouterr().out
+  assert "wrote sweep/results.csv" in out and "wrote sweep/curves.csv" in out
+  assert len(collect_mod.read_csv(tmp_path / "sweep" / "results.csv")) == len(jobs)
+  assert len(collect_mod.read_curves_csv(tmp_path / "sweep" / "curves.csv")) == 2
+  # fit and plot need IsoFLOP curves: a synthetic table, with its curves beside it.
+  rows = _synthetic_table(tmp_path)
+  collect_mod.write_csv(rows, tmp_path / "res" / "results.csv")
+  curves = [{"family": r["family"], "run_dir": r["run_dir"], "budget": r["budget"], "step": 1,
+             "N": r["N"], "D": r["D"], "C": r["C"], "loss": r["final_val_loss"]}
+            for r in rows if r["status"] == "finished"]
+  collect_mod.write_curves_csv(curves, tmp_path / "res" / "curves.csv")
+  assert main(["fit", "res/results.csv", "--bootstrap", "0", "--no-parametric"]) == 0
+  out = capsys.readouterr().out
+  assert "Approach 1 over res/curves.csv" in out and "wrote res/fits.json" in out
+  fits = json.loads((tmp_path / "res" / "fits.json").read_text())
+  assert fits["families"]["ar"]["approach1_source"] == "12 evaluations along the training curves"
+  assert main(["plot", "res/fits.json"]) == 0
+  assert "wrote res/scaling.png, res/scaling.svg" in capsys.readouterr().out
+  for suffix in (".png", ".svg"):
+    assert (tmp_path / "res" / f"scaling{suffix}").stat().st_size > 10_000
+  # Where no default exists, the refusal says what to give.
+  assert main(["collect", str(recipe.sweep_dir)]) == 2
+  assert "give --out RESULTS.csv" in capsys.readouterr().err
+  assert main(["plot", "sweep/missing.json"]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  (tmp_path / "lone").mkdir()
+  (tmp_path / "lone" / "fits.json").write_text("{}")
+  assert main(["plot", "lone/fits.json"]) == 2
+  assert "no results table at lone/results.csv" in capsys.readouterr().err
+
+
+def test_fits_run_on_one_blas_thread_without_a_process_wide_setting(monkeypatch):
+  """L-BFGS-B runs with one BLAS thread (threadpoolctl), restored afterwards; the CLI no longer
+  sets OPENBLAS_NUM_THREADS, which the training jobs `launch` starts would inherit."""
+  monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+  import mdlm.scaling.__main__ as cli
+  importlib.reload(cli)
+  assert "OPENBLAS_NUM_THREADS" not in os.environ
+  blas = lambda: [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                  if i["user_api"] == "blas"]
+  before, inside = blas(), []
+  loop = F._minimize_loop
+  monkeypatch.setattr(F, "_minimize_loop", lambda *a: (inside.append(blas()), loop(*a))[1])
+  N, D, _ = isoflop_design(per_budget=5)
+  F.fit_parametric(N, D, chinchilla_loss(N, D, **HOFFMANN), grid=_small_grid()[:4])
+  assert inside and inside[0] == [1] * len(before) and blas() == before
+
+
+def test_scaling_functions_stay_readable():
+  """No function of mdlm/scaling runs past ~80 lines (read_run was 103)."""
+  long = []
+  for path in sorted((REPO / "mdlm" / "scaling").glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        if node.end_lineno - node.lineno + 1 > 80:
+          long.append(f"{path.name}:{node.lineno} {node.name}")
+  assert not long, long
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ Each is fitted by Approach 3 (Huber delta 1e-3 on log residuals, L-BFGS-B from t
 grid), Approach 2 (IsoFLOP parabolas) and Approach 1 (envelope), and the recovered values are
 printed next to the truth. The noiseless fit is repeated to give a median wall time.
 
-  OPENBLAS_NUM_THREADS=1 python experiments/scaling/validate_published.py [--repeats 3]
+  python experiments/scaling/validate_published.py [--repeats 3]
       [--bootstrap 200] [--out experiments/scaling/published_validation.json]
 """
 
@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 
 import numpy as np  # noqa: E402

@@ -9,13 +9,14 @@
 Pre-tokenized shards for large corpora: `python -m mdlm.data.prepare --help`.
 """
 
-from mdlm.data.pipeline import build_dataset, load_stream, split_stats
+from mdlm.data.pipeline import build_dataset, load_stream, split_stats, token_counts
 from mdlm.data.sources import is_val, iter_documents, read_documents, split_documents
 from mdlm.data.tokenizers import (ByteTokenizer, CharTokenizer, SentencePieceTokenizer, Tokenizer,
                                   build_tokenizer, load_tokenizer, train_sentencepiece)
 
 __all__ = [
     "build_dataset", "build_tokenizer", "load_tokenizer", "split_stats", "load_stream",
+    "token_counts",
     "Tokenizer", "ByteTokenizer", "CharTokenizer", "SentencePieceTokenizer",
     "train_sentencepiece", "iter_documents", "read_documents", "split_documents", "is_val",
 ]

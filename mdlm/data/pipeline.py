@@ -25,9 +25,11 @@ import grain
 import numpy as np
 
 from mdlm.config import DataConfig
-from mdlm.data import sources
+from mdlm.data import sft, sources
+from mdlm.data.shards import ShardStream
 from mdlm.data.streams import tokenized_split
 from mdlm.data.tokenizers import Tokenizer
+from mdlm.meap import IGNORE
 
 
 def _row(tokens: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -83,7 +85,6 @@ class PaddedRows:
     self._empty = {"tokens": np.full(seq_len, pad_id, np.int32),
                    "token_mask": np.zeros(seq_len, bool)}
     if labels:
-      from mdlm.meap import IGNORE  # pylint: disable=import-outside-toplevel
       self._empty["labels"] = np.full(seq_len, IGNORE, np.int32)
 
   def __len__(self):
@@ -104,7 +105,6 @@ def load_stream(data_cfg: DataConfig, tokenizer: Tokenizer, split: str,
   if split not in sources.SPLITS:
     raise ValueError(f"split={split!r}; choose one of {sources.SPLITS}")
   if data_cfg.source == "arrayrecord":
-    from mdlm.data.shards import ShardStream  # pylint: disable=import-outside-toplevel
     return ShardStream(data_cfg.path, split, tokenizer)
   return tokenized_split(data_cfg, tokenizer, split, cache_dir)
 
@@ -131,7 +131,6 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, *, split: str, bat
   L, pad = data_cfg.seq_len, tokenizer.pad_id
   repeat_forever = num_epochs is None
   if data_cfg.meap_sft:
-    from mdlm.data import sft  # pylint: disable=import-outside-toplevel
     rows = sft.build_rows(data_cfg, tokenizer, split, seed=seed)
     what = f"{len(rows.records)} records"
   else:
@@ -171,9 +170,16 @@ def split_stats(data_cfg: DataConfig, tokenizer: Tokenizer, split: str,
   if data_cfg.meap_sft:
     # The loss is on response labels only, not on a stream of every token: no bits per
     # character (num_tokens 0 tells mdlm.evaluate to leave bpc out).
-    from mdlm.data import sft  # pylint: disable=import-outside-toplevel
     records = sft.load_records(data_cfg, tokenizer, split)
     return {"num_documents": len(records), "num_chars": records.num_chars, "num_tokens": 0}
   stream = load_stream(data_cfg, tokenizer, split, cache_dir)
   return {"num_documents": int(stream.num_documents), "num_chars": int(stream.num_chars),
           "num_tokens": int(stream.num_tokens)}
+
+
+def token_counts(data_cfg: DataConfig, tokenizer: Tokenizer, split: str = "train",
+                 cache_dir: Optional[str] = None, max_tokens: int = 50_000_000) -> np.ndarray:
+  """How often each token id occurs in (the first `max_tokens` tokens of) a split: int64 [V]."""
+  stream = load_stream(data_cfg, tokenizer, split, cache_dir)
+  tokens = stream.span(0, min(stream.num_tokens, max_tokens))
+  return np.bincount(np.asarray(tokens, np.int64), minlength=tokenizer.vocab_size)

@@ -1,34 +1,24 @@
-"""Pre-tokenized ArrayRecord shards: the on-disk format `python -m mdlm.data.prepare` writes.
+"""Pre-tokenized ArrayRecord shards: the token records `python -m mdlm.data.prepare` writes.
 
-Layout of a prepared directory:
-  meta.json                   format, token dtype, tokenizer fingerprint, per-split counts+shards
-  tokenizer/                  the tokenizer (`mdlm.data.load_tokenizer`)
-  <split>.lengths.npy         tokens per document (without BOS/EOS), in record order
-  <split>-NNNNN.arrayrecord   one record per document: its token ids as little-endian uint16 (if
-                              V <= 65536) or int32 bytes, without BOS/EOS
-
-Documents are read by random access, so a window of the wrap layout reads only the documents it
-overlaps; memory holds one offset per document, not the corpus.
+The directory layout and meta.json are described (and read) in `mdlm.data.shard_format`, the
+layer below both this module and `mdlm.data.tokenizers`. Documents are read by random access, so
+a window of the wrap layout reads only the documents it overlaps; memory holds one offset per
+document, not the corpus.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Optional
+from typing import Iterable
 
+import grain
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 
-from mdlm.data.tokenizers import Tokenizer, load_tokenizer
-
-FORMAT = "mdlm-token-shards"
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
-TOKENIZER_DIR = "tokenizer"
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-  return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
+from mdlm.data.shard_format import FORMAT, FORMAT_VERSION, META_FILE, TOKENIZER_DIR, read_meta, \
+    token_dtype
+from mdlm.data.tokenizers import Tokenizer
 
 
 class SplitWriter:
@@ -43,7 +33,6 @@ class SplitWriter:
     self._shard_fill = 0
 
   def write(self, ids: Iterable[int], num_chars: int) -> None:
-    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
     ids = np.asarray(ids, self.dtype)
     if self._writer is None or self._shard_fill >= self.shard_tokens:
       self._close_shard()
@@ -80,28 +69,6 @@ def write_meta(out_dir: str, tokenizer: Tokenizer, splits: dict, corpus: dict,
     json.dump(meta, f, indent=1)
 
 
-def read_meta(path: Optional[str]) -> dict:
-  if not path:
-    raise ValueError("data.source=arrayrecord needs data.path: a directory written by "
-                     "`python -m mdlm.data.prepare`.")
-  meta_path = os.path.join(os.path.expanduser(path), META_FILE)
-  if not os.path.isfile(meta_path):
-    raise ValueError(f"data.path={path!r} holds no {META_FILE}: it is not a directory written by "
-                     "`python -m mdlm.data.prepare` (or that command did not finish); run it "
-                     f"with --out {path}.")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-    raise ValueError(f"{meta_path}: unsupported shard format {meta.get('format')!r} version "
-                     f"{meta.get('version')!r}; re-run `python -m mdlm.data.prepare`.")
-  return meta
-
-
-def load_shard_tokenizer(path: Optional[str]) -> Tokenizer:
-  read_meta(path)
-  return load_tokenizer(os.path.join(os.path.expanduser(path), TOKENIZER_DIR))
-
-
 class ShardStream:
   """A split of prepared shards read as a token stream (the same interface as TokenStream)."""
 
@@ -127,7 +94,6 @@ class ShardStream:
   @property
   def source(self):
     if self._source is None:
-      import grain  # pylint: disable=import-outside-toplevel
       self._source = grain.sources.ArrayRecordDataSource(self.paths)
     return self._source
 

@@ -19,8 +19,10 @@ import tempfile
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+import sentencepiece as spm
 
 from mdlm.config import DataConfig, TokenizerConfig
+from mdlm.data import shard_format, sources
 
 TOKENIZER_FILE = "tokenizer.json"
 SPM_FILE = "spm.model"
@@ -155,7 +157,6 @@ class SentencePieceTokenizer(Tokenizer):
   @property
   def processor(self):
     if self._sp is None:
-      import sentencepiece as spm  # pylint: disable=import-outside-toplevel
       self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
     return self._sp
 
@@ -253,7 +254,6 @@ def train_sentencepiece(texts: Iterable[str], cfg: TokenizerConfig) -> SentenceP
   never seen in training fall back to UTF-8 byte pieces; below that, to <unk>.
   pad=0, unk=1, bos=2, eos=3; V = cfg.vocab_size exactly.
   """
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
@@ -283,7 +283,6 @@ def train_sentencepiece(texts: Iterable[str], cfg: TokenizerConfig) -> SentenceP
 # Building the configured tokenizer (with an on-disk cache).
 
 def _cache_key(tok_cfg: TokenizerConfig, data_cfg: DataConfig) -> str:
-  from mdlm.data import sources  # pylint: disable=import-outside-toplevel
   ident = {"corpus": sources.corpus_identity(data_cfg), "split_seed": data_cfg.split_seed,
            "val_fraction": data_cfg.val_fraction, "kind": tok_cfg.kind}
   if tok_cfg.kind == "sentencepiece":
@@ -303,8 +302,7 @@ def build_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig,
   cache_dir None falls back to data_cfg.cache_dir; with neither, nothing is cached.
   """
   if data_cfg.source == "arrayrecord":
-    from mdlm.data import shards  # pylint: disable=import-outside-toplevel
-    return shards.load_shard_tokenizer(data_cfg.path)
+    return load_tokenizer(shard_format.tokenizer_dir(data_cfg.path))
   if tok_cfg.kind == "byte":
     return ByteTokenizer()
   if tok_cfg.kind == "sentencepiece" and tok_cfg.model_path:
@@ -317,7 +315,6 @@ def build_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig,
     directory = os.path.join(cache_dir, f"tokenizer-{_cache_key(tok_cfg, data_cfg)}")
     if os.path.isfile(os.path.join(directory, TOKENIZER_FILE)):
       return load_tokenizer(directory)
-  from mdlm.data import sources  # pylint: disable=import-outside-toplevel
   train_docs = sources.split_documents(sources.read_documents(data_cfg), data_cfg, "train")
   if tok_cfg.kind == "char":
     tok: Tokenizer = CharTokenizer.from_texts(train_docs)

@@ -85,20 +85,20 @@ def to_json(result: dict, path: str | Path, *, samples: bool = True) -> Path:
   """fits.json: every fit (with its bootstrap replicates) and a flat summary with intervals."""
   def enc(v):
     if isinstance(v, (IsoFLOPFit, EnvelopeFit, ParametricFit)):
-      return v.to_dict(samples)
+      return enc(v.to_dict(samples))
     if hasattr(v, "to_dict"):
-      return v.to_dict()
+      return enc(v.to_dict())
     if isinstance(v, dict):
       return {k: enc(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
       return [enc(x) for x in v]
     if isinstance(v, (np.floating, np.integer)):
-      return v.item()
+      v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
-      return None
+      return None  # e.g. the intervals of a fit without bootstrap
     return v
   data = enc(result)
-  data["summary"] = summary_table(result)
+  data["summary"] = enc(summary_table(result))
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(data, indent=1, allow_nan=False, default=float))

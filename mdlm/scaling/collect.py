@@ -79,105 +79,146 @@ def read_run(run_dir: str | Path, job: Optional[Job] = None) -> dict:
   """One table row for a run directory (which may not exist yet when `job` is given)."""
   run_dir = Path(run_dir)
   launch = _read_json(run_dir.parent / f".{run_dir.name}.launch.json")
-  if job is None and launch is not None and "job" in launch:
-    try:
-      job = Job(**launch["job"])
-    except TypeError:
-      job = None
+  if job is None:
+    job = _launched_job(launch)
   row = {k: None for k in COLUMNS}
   row["run_dir"] = str(run_dir)
   if job is not None:
-    row.update({"job_id": job.job_id, "family": job.family, "kind": job.kind, "size": job.size,
-                "num_layers": job.num_layers, "d_model": job.d_model,
-                "num_heads": job.num_heads, "d_ff": job.d_ff, "seed": job.seed, "N": job.N,
-                "budget": job.budget, "steps_planned": job.steps})
-  cfg = None
-  if (run_dir / "config.yaml").exists():
-    try:
-      with open(run_dir / "config.yaml") as f:
-        cfg = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-      row["message"] = f"unreadable config.yaml: {e}"
-  status = _read_json(run_dir / "status.json")
-  events = read_metrics(run_dir / "metrics.jsonl")
-
-  seq_len = batch = None
+    row.update(_job_fields(job))
+  cfg, row["message"] = _read_config(run_dir / "config.yaml")
+  seq_len = batch = fpt_full = None
   if cfg is not None:
-    model = _model_config(cfg)
-    seq_len = (cfg.get("data") or {}).get("seq_len")
-    batch = (cfg.get("train") or {}).get("batch_size")
-    row["seed"] = row["seed"] if row["seed"] is not None else (cfg.get("train") or {}).get("seed")
-    row["steps"] = (cfg.get("train") or {}).get("steps")
-    if model is not None:
-      counts = count_params(model, model.vocab_size)
-      row.update({"kind": row["kind"] or model.kind, "num_layers": model.num_layers,
-                  "d_model": model.d_model, "num_heads": model.num_heads, "d_ff": model.d_ff,
-                  "N": counts["non_embedding"],
-                  "N_total": counts["total"] if model.vocab_size else None})
-      row["size"] = row["size"] or model.name
-      row["family"] = row["family"] or KIND_LABELS.get(model.kind, model.kind)
-      if seq_len and model.vocab_size:
-        row["_fpt_full"] = flops_per_token(model, seq_len, model.vocab_size)["full"]
+    fields, seq_len, batch, fpt_full = _config_fields(row, cfg)
+    row.update(fields)
   if row["steps"] is None and job is not None:
     row["steps"] = job.steps
+  events = read_metrics(run_dir / "metrics.jsonl")
+  last = max(events, key=lambda e: e.get("step", -1)) if events else None
+  row.update(_metric_fields(events, last, seq_len, batch))
+  row.update(_state_fields(row, _read_json(run_dir / "status.json"), launch, run_dir.exists(),
+                           last))
+  row.update(_compute_fields(row["N"], row["tokens"], fpt_full))
+  return row
 
-  # Metrics: training events carry "train/loss", evaluations "val/nll".
+
+def _launched_job(launch: Optional[dict]) -> Optional[Job]:
+  """The job a launch record was written for (a run collected without its plan)."""
+  if launch is None or "job" not in launch:
+    return None
+  try:
+    return Job(**launch["job"])
+  except TypeError:
+    return None
+
+
+def _job_fields(job: Job) -> dict:
+  return {"job_id": job.job_id, "family": job.family, "kind": job.kind, "size": job.size,
+          "num_layers": job.num_layers, "d_model": job.d_model, "num_heads": job.num_heads,
+          "d_ff": job.d_ff, "seed": job.seed, "N": job.N, "budget": job.budget,
+          "steps_planned": job.steps}
+
+
+def _read_config(path: Path) -> tuple[Optional[dict], Optional[str]]:
+  """(config.yaml as a dict or None, a message when it exists but cannot be read)."""
+  if not path.exists():
+    return None, None
+  try:
+    with open(path) as f:
+      return yaml.safe_load(f) or {}, None
+  except (OSError, yaml.YAMLError) as e:
+    return None, f"unreadable config.yaml: {e}"
+
+
+def _config_fields(row: dict, cfg: dict) -> tuple[dict, Optional[int], Optional[int],
+                                                   Optional[float]]:
+  """The row's fields from config.yaml (the model fills what the plan did not say), and the
+  (seq_len, batch_size, full FLOPs per token) that the token and compute counts need."""
+  train = cfg.get("train") or {}
+  seq_len, batch = (cfg.get("data") or {}).get("seq_len"), train.get("batch_size")
+  fields = {"seed": row["seed"] if row["seed"] is not None else train.get("seed"),
+            "steps": train.get("steps")}
+  model = _model_config(cfg)
+  if model is None:
+    return fields, seq_len, batch, None
+  counts = count_params(model, model.vocab_size)
+  fields.update({"kind": row["kind"] or model.kind, "num_layers": model.num_layers,
+                 "d_model": model.d_model, "num_heads": model.num_heads, "d_ff": model.d_ff,
+                 "N": counts["non_embedding"],
+                 "N_total": counts["total"] if model.vocab_size else None,
+                 "size": row["size"] or model.name,
+                 "family": row["family"] or KIND_LABELS.get(model.kind, model.kind)})
+  fpt_full = None
+  if seq_len and model.vocab_size:
+    fpt_full = flops_per_token(model, seq_len, model.vocab_size)["full"]
+  return fields, seq_len, batch, fpt_full
+
+
+def _metric_fields(events: list[dict], last: Optional[dict], seq_len: Optional[int],
+                   batch: Optional[int]) -> dict:
+  """Losses and tokens from metrics.jsonl: training events carry "train/loss", evaluations
+  "val/nll". Tokens are those of the final evaluation (else of the last event, else counted)."""
   evals = [e for e in events if e.get("val/nll") is not None and math.isfinite(_nan(e["val/nll"]))]
   trains = [e for e in events if e.get("train/loss") is not None]
-  last = max(events, key=lambda e: e.get("step", -1)) if events else None
-  row["num_evals"] = len(evals)
+  fields = {"num_evals": len(evals), "tokens": None, "final_val_step": None}
   if evals:
     final = max(evals, key=lambda e: e.get("step", -1))
     best = min(evals, key=lambda e: _nan(e["val/nll"]))
-    row.update({"final_val_loss": _nan(final["val/nll"]),
-                "final_val_stderr": _nan(final.get("val/nll_stderr")),
-                "final_val_step": final.get("step"), "best_val_loss": _nan(best["val/nll"]),
-                "best_val_step": best.get("step")})
-    row["tokens"] = final.get("tokens")
+    fields.update({"final_val_loss": _nan(final["val/nll"]),
+                   "final_val_stderr": _nan(final.get("val/nll_stderr")),
+                   "final_val_step": final.get("step"), "best_val_loss": _nan(best["val/nll"]),
+                   "best_val_step": best.get("step"), "tokens": final.get("tokens")})
   if trains:
-    row["final_train_loss"] = _nan(max(trains, key=lambda e: e.get("step", -1))["train/loss"])
-  if row["tokens"] is None and last is not None:
-    row["tokens"] = last.get("tokens")
-  if row["tokens"] is None and row["final_val_step"] is not None and seq_len and batch:
-    row["tokens"] = row["final_val_step"] * seq_len * batch
+    fields["final_train_loss"] = _nan(max(trains, key=lambda e: e.get("step", -1))["train/loss"])
+  if fields["tokens"] is None and last is not None:
+    fields["tokens"] = last.get("tokens")
+  if fields["tokens"] is None and fields["final_val_step"] is not None and seq_len and batch:
+    fields["tokens"] = fields["final_val_step"] * seq_len * batch
+  return fields
 
-  # Status.
+
+def _state_fields(row: dict, status: Optional[dict], launch: Optional[dict], exists: bool,
+                  last: Optional[dict]) -> dict:
+  """status, step, wall time and message: the trainer's status.json first, then the launcher's
+  record (a crash before the trainer wrote its status), then the last metrics event."""
+  fields = {"step": None, "steps": row["steps"], "wall_time": None, "message": row["message"]}
   if status is not None:
-    row["status"] = status.get("state", "unknown")
-    row["step"] = status.get("step")
-    row["steps"] = status.get("steps", row["steps"])
-    row["wall_time"] = status.get("wall_time")
-    row["message"] = status.get("message") or row["message"]
-  elif not run_dir.exists():
-    row["status"] = "not_started"
+    fields.update({"status": status.get("state", "unknown"), "step": status.get("step"),
+                   "steps": status.get("steps", row["steps"]),
+                   "wall_time": status.get("wall_time"),
+                   "message": status.get("message") or row["message"]})
+  elif not exists:
+    fields["status"] = "not_started"
   else:
-    row["status"] = "unknown"
-    row["message"] = row["message"] or "no status.json (the trainer never started or was killed)"
+    fields["status"] = "unknown"
+    fields["message"] = row["message"] or "no status.json (the trainer never started or was killed)"
   if launch is not None:
     # Wall time of every launcher attempt (start-up and compilation included); the trainer's
     # own wall_time covers its last session only.
-    row["launch_seconds"] = launch.get("total_seconds", launch.get("seconds"))
-    row["attempts"] = launch.get("attempts", 1)
-  if launch is not None and launch.get("returncode") not in (0, None) and row["status"] in (
-      "not_started", "unknown", "running"):
-    row["status"] = "failed"
-    row["message"] = launch.get("message") or f"exit code {launch['returncode']}"
-  if row["step"] is None and last is not None:
-    row["step"] = last.get("step")
-  if row["wall_time"] is None and last is not None:
-    row["wall_time"] = last.get("wall_time")
-  if row["status"] not in STATES:
-    row["status"] = "unknown"
-  row["complete"] = row["status"] == "finished"
+    fields["launch_seconds"] = launch.get("total_seconds", launch.get("seconds"))
+    fields["attempts"] = launch.get("attempts", 1)
+    if launch.get("returncode") not in (0, None) and fields["status"] in (
+        "not_started", "unknown", "running"):
+      fields["status"] = "failed"
+      fields["message"] = launch.get("message") or f"exit code {launch['returncode']}"
+  if fields["step"] is None and last is not None:
+    fields["step"] = last.get("step")
+  if fields["wall_time"] is None and last is not None:
+    fields["wall_time"] = last.get("wall_time")
+  if fields["status"] not in STATES:
+    fields["status"] = "unknown"
+  fields["complete"] = fields["status"] == "finished"
+  return fields
 
-  # Compute actually spent up to the final evaluation: C = 6 N D (and the "full" count).
-  if row["N"] and row["tokens"]:
-    row["D"] = float(row["tokens"])
-    row["C"] = 6.0 * row["N"] * row["D"]
-    if row.get("_fpt_full"):
-      row["C_full"] = row["_fpt_full"] * row["D"]
-  row.pop("_fpt_full", None)
-  return row
+
+def _compute_fields(N: Optional[int], tokens, fpt_full: Optional[float]) -> dict:
+  """Compute actually spent up to the final evaluation: C = 6 N D (and the "full" count)."""
+  if not (N and tokens):
+    return {}
+  D = float(tokens)
+  fields = {"D": D, "C": 6.0 * N * D}
+  if fpt_full:
+    fields["C_full"] = fpt_full * D
+  return fields
 
 
 def find_run_dirs(root: str | Path) -> list[Path]:
@@ -199,7 +240,8 @@ def find_run_dirs(root: str | Path) -> list[Path]:
   return sorted(set(found))
 
 
-def collect_runs(paths: Iterable[str | Path] | str | Path, *, plan: Optional[str | Path] = None) -> list[dict]:
+def collect_runs(paths: Iterable[str | Path] | str | Path, *,
+                 plan: Optional[str | Path] = None) -> list[dict]:
   """Rows for every run found under `paths` and every job of `plan` (a plan dir or jobs.jsonl).
 
   A path that is itself a plan directory (holds jobs.jsonl) contributes its jobs. Rows come out

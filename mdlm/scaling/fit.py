@@ -18,17 +18,15 @@ per-token losses in nats (the fits are unit-free in N, D, C).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import functools
 import itertools
 import math
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from scipy import optimize, special
+from threadpoolctl import threadpool_limits
 
 # ---------------------------------------------------------------------------------------------
 # Input checks.
@@ -74,44 +72,7 @@ def _check_bootstrap(bootstrap: int, level: float):
 # ---------------------------------------------------------------------------------------------
 # BLAS threads. L-BFGS-B calls BLAS on 5-vectors; a multi-threaded OpenBLAS wakes its thread
 # pool for each call, which made a 4500-start fit ~20x slower on a busy 2-core machine. The
-# optimisation therefore runs with one BLAS thread (what threadpoolctl does, without the
-# dependency): find the OpenBLAS builds loaded in this process and set their thread count.
-
-
-@functools.lru_cache(maxsize=1)
-def _openblas_handles() -> tuple:
-  handles = []
-  try:
-    with open("/proc/self/maps") as maps:
-      paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
-  except OSError:
-    return ()
-  for path in sorted(paths):
-    try:
-      lib = ctypes.CDLL(path)
-    except OSError:
-      continue
-    for suffix in ("", "64_"):
-      for prefix in ("scipy_openblas", "openblas"):
-        setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-        getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-        if setter is not None and getter is not None:
-          handles.append((setter, getter))
-          break
-  return tuple(handles)
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-  handles = _openblas_handles()
-  saved = [getter() for _, getter in handles]
-  for setter, _ in handles:
-    setter(1)
-  try:
-    yield
-  finally:
-    for (setter, _), n in zip(handles, saved):
-      setter(n)
+# optimisation therefore runs with one BLAS thread (`_minimize_from`, via threadpoolctl).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +491,7 @@ _LBFGS_OPTIONS = {"maxiter": 1000, "ftol": 1e-12, "gtol": 1e-10}
 
 
 def _minimize_from(starts, logN, logD, logL, delta):
-  with _one_blas_thread():
+  with threadpool_limits(limits=1, user_api="blas"):
     return _minimize_loop(starts, logN, logD, logL, delta)
 
 
@@ -774,7 +735,7 @@ def fit_from_dict(d: dict):
 
 
 __all__ = [
-    "PowerLaw", "fit_power_law", "fit_parabola", "parabola_vertex", "IsoFLOPFit", "fit_isoflop", "lower_envelope",
-    "EnvelopeFit", "fit_envelope", "chinchilla_grid", "ParametricFit", "fit_parametric",
-    "Multiplier", "compute_multiplier", "summarize", "fit_from_dict",
+    "PowerLaw", "fit_power_law", "fit_parabola", "parabola_vertex", "IsoFLOPFit", "fit_isoflop",
+    "lower_envelope", "EnvelopeFit", "fit_envelope", "chinchilla_grid", "ParametricFit",
+    "fit_parametric", "Multiplier", "compute_multiplier", "summarize", "fit_from_dict",
 ]

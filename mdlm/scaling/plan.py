@@ -172,7 +172,8 @@ def _budget_tag(c: float) -> str:
   return f"{mantissa:g}e{exponent}"
 
 
-def plan_sweep(recipe: SweepRecipe, family: Optional[Family] = None) -> tuple[list[Job], list[dict]]:
+def plan_sweep(recipe: SweepRecipe,
+               family: Optional[Family] = None) -> tuple[list[Job], list[dict]]:
   """The IsoFLOP grid. Returns (jobs, skipped) where skipped lists (budget, size, kind) pairs
   whose budget is below one optimizer step. Raises if a budget is below one step of the
   smallest model (nothing at that budget could run)."""

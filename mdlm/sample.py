@@ -4,24 +4,32 @@
   python -m mdlm.sample run=runs/x sampler=confidence sampler.steps=64 sampler.block_length=32
   python -m mdlm.sample run=runs/x sampler=fast_dllm
   python -m mdlm.sample run=runs/x sampler=semi_ar length=1024 sampler.stride=64
-  python -m mdlm.sample run=runs/x 'prompt="To be, or not to be"' length=128
-  python -m mdlm.sample run=runs/x 'template="The [MASK*5] of Denmark"' sampler.steps=100
+  python -m mdlm.sample run=runs/x prompt="To be, or not to be" length=128
+  python -m mdlm.sample run=runs/x template="The [MASK*5] of Denmark" sampler.steps=100
   python -m mdlm.sample run=runs/x evaluator=runs/ar      # + generative perplexity
-  python -m mdlm.sample run=runs/maria sampler=maria 'template="The [MASK*5] of Denmark"'
+  python -m mdlm.sample run=runs/maria sampler=maria template="The [MASK*5] of Denmark"
       # a MARIA run (experiment=maria): denoiser pass + KV-cached AR decoding through the head
   python -m mdlm.sample run=runs/x mesh=fsdp batch_size=64   # parameters and batch over devices
 
+The text of `template=` and `prompt=` is taken literally, as the shell delivers it (brackets,
+commas, quotes and backslashes included); a value already written as a quoted Hydra string
+('template="..."') is left to Hydra.
+
 Writes the text of each sample to stdout and one JSON object per sample to a JSON Lines file
-(`output=`, default <run>/samples/<sampler>-seed<seed>.jsonl); a summary (NFE, unigram entropy,
-generative perplexity with an evaluator) goes to stderr and to <output>.summary.json. Settings
-are the typed dataclasses of mdlm/sampling/config.py; presets live in configs/sampler/.
+(`output=`, default <run>/samples/<sampler>-seed<seed>.jsonl, then -1, -2, ... once that exists);
+a summary (NFE, unigram entropy, generative perplexity with an evaluator) goes to stderr and to
+<output>.summary.json. An existing file is never overwritten: an explicit output= that exists is
+refused before anything loads. Settings are the typed dataclasses of mdlm/sampling/config.py;
+presets live in configs/sampler/.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
+import re
 import sys
 import time
 
@@ -46,28 +54,26 @@ def _starting_sequence(cfg: config_lib.SampleConfig, tokenizer, mask_id: int, le
 def _load(cfg: config_lib.SampleConfig):
   """(loaded run, what run_sampler samples with: a denoiser, or the MARIA head for maria).
 
-  sampler=maria needs a MARIA run (objective=maria) and any other sampler a run that is not one:
-  a mismatch is refused before any weights load."""
-  from mdlm import checkpointing
-  from mdlm import config as train_config
-  from mdlm import sampling
-  run_dir, _ = checkpointing._find_run_dir(cfg.run)
-  objective = train_config.objective(checkpointing.load_config(run_dir))
-  if cfg.sampler.name == "maria":
-    if objective != "maria":
-      raise ValueError(
-          f"sampler=maria needs a MARIA run (python -m mdlm.train experiment=maria "
-          f"train.maria_denoiser_run=... train.maria_ar_run=...); {run_dir} was trained with "
-          f"train.objective={objective}. Pass run=<a MARIA run directory>, or choose another "
-          "sampler (e.g. sampler=ancestral).")
-    from mdlm.models import hybrid
-    loaded = hybrid.load_maria_checkpoint(cfg.run, ema=cfg.ema, step=cfg.step)
-    return loaded, loaded.head
-  if objective == "maria":
+  sampler=maria needs a run whose objective trains a head over given runs (objective=maria) and
+  any other sampler a run that is not one: a mismatch is refused before any weights load."""
+  from mdlm import objectives, sampling
+  from mdlm.rundir import RunDir, load_run
+  run, _ = RunDir.find(cfg.run)
+  trained = run.load_config().objective
+  head_run = bool(objectives.get(trained.name).given_runs(trained))
+  if cfg.sampler.name == "maria" and not head_run:
     raise ValueError(
-        f"{run_dir} is a MARIA run (train.objective=maria): sample from it with sampler=maria, "
-        "or pass the denoiser run it was built on with this sampler.")
-  loaded = checkpointing.load_run(cfg.run, ema=cfg.ema, step=cfg.step)
+        f"sampler=maria needs a MARIA run (python -m mdlm.train experiment=maria "
+        f"objective.denoiser_run=... objective.ar_run=...); {run.path} was trained with "
+        f"objective={trained.name}. Pass run=<a MARIA run directory>, or choose another "
+        "sampler (e.g. sampler=ancestral).")
+  if head_run and cfg.sampler.name != "maria":
+    raise ValueError(
+        f"{run.path} is a MARIA run (objective={trained.name}): sample from it with "
+        "sampler=maria, or pass the denoiser run it was built on with this sampler.")
+  loaded = load_run(cfg.run, ema=cfg.ema, step=cfg.step)
+  if head_run:
+    return loaded, loaded.model
   return loaded, sampling.denoiser_from_model(loaded.model, loaded.config.noise.build())
 
 
@@ -89,17 +95,96 @@ def _mesh(cfg: config_lib.SampleConfig):
   return mesh
 
 
+def identical_by_construction(cfg: config_lib.SampleConfig) -> bool:
+  """Whether every sample of this setting is the same sequence, whatever the seed: the CLI
+  starts all rows from one sequence, and at temperature 0 the confidence sampler with
+  low-confidence remasking (argmax predictions, the most confident committed) and MARIA's greedy
+  decoding use no random numbers."""
+  s = cfg.sampler
+  inner = s.inner if s.name == "semi_ar" else s.name
+  if s.temperature != 0.0:
+    return False
+  return (inner == "confidence" and s.remasking == "low_confidence") or inner == "maria"
+
+
+def _warn_if_identical(cfg: config_lib.SampleConfig) -> bool:
+  """Says on stderr when more than one sample is asked of a deterministic setting."""
+  identical = identical_by_construction(cfg)
+  if identical and cfg.num_samples > 1:
+    if cfg.sampler.name == "maria":
+      what = "sampler=maria with sampler.temperature=0 decodes greedily"
+      fix = "set sampler.temperature (e.g. 1.0)"
+    else:
+      what = ("sampler.temperature=0 with sampler.remasking=low_confidence is deterministic "
+              "(argmax predictions, most confident first: LLaDA's default, greedy)")
+      fix = "set sampler.temperature (e.g. 1.0) or sampler.remasking=random"
+    print(f"mdlm.sample: warning: {what}, so all {cfg.num_samples} samples from this one "
+          f"starting sequence will be identical; for distinct samples {fix}, or ask for "
+          "num_samples=1.", file=sys.stderr)
+  return identical
+
+
+def _reserve_output(cfg: config_lib.SampleConfig) -> str:
+  """Creates the empty JSON Lines file the samples go to, exclusively, before anything loads:
+  samples never overwrite a file. The default is numbered past existing ones (a concurrent run
+  takes the next number); an explicit output= that exists is refused."""
+  if cfg.output:
+    for path in (cfg.output, cfg.output + ".summary.json"):
+      if os.path.exists(path):
+        raise ValueError(f"{path} exists and samples never overwrite a file: pass another "
+                         "output=<new .jsonl path>, or leave output unset to number the files "
+                         "under <run>/samples.")
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
+    with open(cfg.output, "x"):
+      pass
+    return cfg.output
+  from mdlm.rundir import RunDir
+  run, _ = RunDir.find(cfg.run)
+  base = os.path.join(run.samples_dir, f"{cfg.sampler.name}-seed{cfg.seed}")
+  os.makedirs(os.path.dirname(base), exist_ok=True)
+  for n in itertools.count():
+    path = f"{base}-{n}.jsonl" if n else f"{base}.jsonl"
+    if os.path.exists(path + ".summary.json"):
+      continue
+    try:
+      with open(path, "x"):
+        return path
+    except FileExistsError:
+      continue
+
+
 def run(cfg: config_lib.SampleConfig) -> dict:
   """Samples, writes the JSON Lines file and returns the summary."""
   config_lib.validate(cfg)
-  from mdlm import sampling, sharding
-  s = cfg.sampler
+  identical = _warn_if_identical(cfg)
   mesh = _mesh(cfg)
+  output = _reserve_output(cfg)
+  try:
+    samples, summary = _sample(cfg, mesh)
+  except BaseException:
+    if os.path.getsize(output) == 0:  # release the reserved name
+      os.remove(output)
+    raise
+  summary["identical_by_construction"] = identical
+  with open(output, "w") as f:
+    for item in samples:
+      f.write(json.dumps({**item, "sampler": cfg.sampler.name, "step": summary["step"]}) + "\n")
+  with open(output + ".summary.json", "x") as f:
+    json.dump(summary, f, indent=1)
+  summary["output"] = output
+  summary["samples"] = samples
+  return summary
+
+
+def _sample(cfg: config_lib.SampleConfig, mesh) -> tuple[list[dict], dict]:
+  """Loads the run and samples: (one dict per sample, the summary without its output)."""
+  from mdlm import sampling
+  s = cfg.sampler
   loaded, denoise = _load(cfg)
   if mesh is not None:
     denoise = sampling.shard_denoiser(denoise, mesh, cfg.mesh.rules)
   tokenizer, train_cfg = loaded.tokenizer, loaded.config
-  model = loaded.head if s.name == "maria" else loaded.model
+  model = loaded.model
   schedule = train_cfg.noise.build()
   mask_id = model.mask_id
   length = cfg.length or train_cfg.data.seq_len
@@ -115,20 +200,36 @@ def run(cfg: config_lib.SampleConfig) -> dict:
     settings["stride"] = settings["stride"] or max(1, settings["window"] // 2)
   if s.guidance:
     denoise = sampling.guided(denoise, jnp.asarray(xt_L != mask_id), s.guidance)
+  t0 = time.time()
+  samples, nfe_per_batch = _sample_batches(cfg, denoise, xt_L, spans, settings, tokenizer, mesh)
+  specials = {tokenizer.bos_id, tokenizer.eos_id, getattr(tokenizer, "pad_id", -1)}
+  token_rows = np.asarray([it["tokens"] for it in samples])
+  summary = {
+      "run": loaded.run_dir, "step": loaded.step, "sampler": dataclasses.asdict(s),
+      "num_samples": len(samples), "length": length, "seed": cfg.seed,
+      "nfe_per_batch": nfe_per_batch, "seconds": time.time() - t0,
+      "unigram_entropy": sampling.unigram_entropy(token_rows, ignore=specials)["mean"],
+  }
+  if cfg.evaluator:
+    summary.update(_gen_ppl(cfg.evaluator, samples, tokenizer))
+  return samples, summary
 
-  output = cfg.output or os.path.join(loaded.run_dir, "samples", f"{s.name}-seed{cfg.seed}.jsonl")
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+
+def _sample_batches(cfg, denoise, xt_L, spans, settings, tokenizer, mesh):
+  """(one dict per sample, mean NFE per batch): num_samples rows in batches of batch_size."""
+  from mdlm import sampling, sharding
+  s = cfg.sampler
   num_batches = -(-cfg.num_samples // cfg.batch_size)
   key = jax.random.key(cfg.seed)
   bar = None
   if cfg.progress and num_batches > 1:
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.num_samples, desc=f"sampling ({s.name})", unit="sample", file=sys.stderr)
-  samples, nfe_total, t0 = [], 0, time.time()
+  samples, nfe_total = [], 0
   for b in range(num_batches):
     count = min(cfg.batch_size, cfg.num_samples - b * cfg.batch_size)
     # Every batch has batch_size rows (one compile); the surplus rows of the last are dropped.
-    xt = jnp.broadcast_to(jnp.asarray(xt_L), (cfg.batch_size, length))
+    xt = jnp.broadcast_to(jnp.asarray(xt_L), (cfg.batch_size, len(xt_L)))
     if mesh is not None:
       xt = jax.device_put(xt, sharding.batch_sharding(mesh))
     tokens, stats = sampling.run_sampler(jax.random.fold_in(key, b), denoise, xt,
@@ -144,32 +245,13 @@ def run(cfg: config_lib.SampleConfig) -> dict:
       bar.update(count)
   if bar is not None:
     bar.close()
-  seconds = time.time() - t0
-
-  specials = {tokenizer.bos_id, tokenizer.eos_id, getattr(tokenizer, "pad_id", -1)}
-  token_rows = np.asarray([it["tokens"] for it in samples])
-  summary = {
-      "run": loaded.run_dir, "step": loaded.step, "sampler": dataclasses.asdict(s),
-      "num_samples": len(samples), "length": length, "seed": cfg.seed,
-      "nfe_per_batch": nfe_total / num_batches, "seconds": seconds,
-      "unigram_entropy": sampling.unigram_entropy(token_rows, ignore=specials)["mean"],
-  }
-  if cfg.evaluator:
-    summary.update(_gen_ppl(cfg.evaluator, samples, tokenizer))
-  with open(output, "w") as f:
-    for item in samples:
-      f.write(json.dumps({**item, "sampler": s.name, "step": loaded.step}) + "\n")
-  with open(output + ".summary.json", "w") as f:
-    json.dump(summary, f, indent=1)
-  summary["output"] = output
-  summary["samples"] = samples
-  return summary
+  return samples, nfe_total / num_batches
 
 
 def _gen_ppl(evaluator: str, samples, tokenizer) -> dict:
-  from mdlm import checkpointing
+  from mdlm.rundir import load_run
   from mdlm.sampling import metrics
-  ev = checkpointing.load_run(evaluator)
+  ev = load_run(evaluator)
   same = getattr(ev.tokenizer, "fingerprint", None) == getattr(tokenizer, "fingerprint", 0)
   if same:  # score the sampled tokens directly (drop only padding and leftover masks)
     seqs = metrics.strip_specials([it["tokens"] for it in samples], [tokenizer.pad_id],
@@ -190,6 +272,52 @@ def _print(summary: dict, print_samples: bool) -> None:
         print(f"--- fills: {item['fills']}")
   brief = {k: v for k, v in summary.items() if k != "samples"}
   print(json.dumps(brief, indent=1), file=sys.stderr)
+  print(f"mdlm.sample: wrote {summary['num_samples']} samples to {summary['output']} (summary: "
+        f"{summary['output']}.summary.json)", file=sys.stderr)
+
+
+# `template=...` / `prompt=...` (optionally with Hydra's + or ++ prefix), the value to the end.
+_TEXT_OVERRIDE = re.compile(r"(\+{0,2}(?:template|prompt))=(.*)\Z", re.S)
+
+
+def quote_text_overrides(argv: list[str]) -> list[str]:
+  """argv with each template= / prompt= value that is not already a quoted Hydra string turned
+  into one that reads back as the same text.
+
+  Why: the documented `template="The [MASK*5] of Denmark"` reaches Python without its quotes when
+  typed in a shell, and Hydra's override grammar rejects the bare brackets ("mismatched input
+  '['"); commas would make a sweep. These values are always text, never Hydra expressions."""
+  out = []
+  for arg in argv:
+    match = _TEXT_OVERRIDE.match(arg)
+    if match and not _is_hydra_string(match.group(2)):
+      arg = f"{match.group(1)}={hydra_quote(match.group(2))}"
+    out.append(arg)
+  return out
+
+
+def _is_hydra_string(value: str) -> bool:
+  """A quoted Hydra string ('...' or "..."), or null / empty (Hydra's meanings kept)."""
+  if value in ("", "null"):
+    return True
+  if len(value) < 2 or value[0] not in "\"'" or value[-1] != value[0]:
+    return False
+  from hydra.core.override_parser.overrides_parser import OverridesParser
+  try:
+    return isinstance(OverridesParser.create().parse_override(f"x={value}").value(), str)
+  except Exception:  # not one quoted string (e.g. "a" b "c"): quote it whole
+    return False
+
+
+def hydra_quote(text: str) -> str:
+  """text as a double-quoted Hydra override value that Hydra, then OmegaConf, read back as text.
+
+  OmegaConf: `${` starts an interpolation, `\\${` is a literal one, and backslashes right before
+  it pair up. Hydra (inside quotes): a run of backslashes before a quote or the end is halved,
+  and `\\"` is a quote; other backslashes are literal."""
+  text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+  text = re.sub(r'(\\*)("|\Z)', lambda m: m.group(1) * 2 + ("\\\"" if m.group(2) else ""), text)
+  return f'"{text}"'
 
 
 def _hydra_main():
@@ -197,11 +325,12 @@ def _hydra_main():
   from omegaconf import OmegaConf
 
   config_lib.register_configs()
+  sys.argv[1:] = quote_text_overrides(sys.argv[1:])
 
   @hydra.main(version_base=None, config_path=_config_path(), config_name="sample")
   def main(hydra_cfg) -> None:
-    import absl.logging
-    absl.logging.set_verbosity(absl.logging.WARNING)
+    from mdlm import cli
+    cli.setup_logging()
     try:
       cfg = OmegaConf.to_object(hydra_cfg)
       config_lib.validate(cfg)

@@ -15,6 +15,7 @@ from flax import nnx
 from scipy import stats as sstats
 
 from mdlm import schedules
+from mdlm import rundir
 from mdlm.models import build, presets
 from mdlm.sampling import (ModelDenoiser, ancestral, categorical, confidence, decode,
                            denoiser_from_model,
@@ -26,6 +27,7 @@ from mdlm.sampling import confidence_sampler as confidence_lib
 from mdlm.sampling import denoisers as denoisers_lib
 from mdlm.sampling import exact as categorical_lib
 from mdlm.sampling import metrics as metrics_lib
+from mdlm.sampling import schedule_inverse
 
 LOGLINEAR = schedules.get("loglinear")
 P_MIN = 1e-3  # significance level of every statistical test (fixed seeds: deterministic)
@@ -317,6 +319,99 @@ def test_time_conditioned_adapter_passes_the_noise_level():
   t = jnp.array([0.2, 0.7])
   out = jax.jit(lambda d, x, t: d(x, t))(denoise, jnp.zeros((2, 3), jnp.int32), t)
   np.testing.assert_allclose(np.asarray(out)[:, 0, 0], np.asarray(cosine.mask_prob(t)), rtol=1e-6)
+
+
+SCHEDULES = [("loglinear", {}), ("cosine", {}), ("cosine_squared", {}), ("linear", {}),
+             ("geometric", {}), ("polynomial", {"k": 0.5}), ("polynomial", {"k": 3.0})]
+
+
+@pytest.mark.parametrize("name,params", SCHEDULES)
+def test_schedule_inverse_round_trips_alpha(name, params):
+  """time_at_alpha(alpha(t)) gives back alpha to float32 rounding, and t where t is well
+  conditioned; the generic bisection (any monotone schedule) agrees; outside the schedule's range
+  the nearest end is returned; all under jit."""
+  s = schedules.get(name, **params)
+  t = jnp.linspace(0.0, 1.0, 1001)
+  a = s.alpha(t)
+  back = jax.jit(lambda a: schedule_inverse.time_at_alpha(s, a))(a)
+  bisected = jax.jit(lambda a: schedule_inverse.bisect(s, 1.0 - a))(a)
+  for got in (back, bisected):
+    np.testing.assert_allclose(np.asarray(s.alpha(got)), np.asarray(a), rtol=0, atol=5e-7)
+    np.testing.assert_allclose(np.asarray(got)[50:900], np.asarray(t)[50:900], atol=2e-5)
+  ends = schedule_inverse.time_at_mask_prob(s, jnp.array([-0.5, 0.0, 1.0, 1.5]))
+  np.testing.assert_allclose(np.asarray(ends), [0.0, 0.0, 1.0, 1.0], atol=1e-6)
+
+
+class _Cubic(schedules.Schedule):
+  """A schedule without a closed-form inverse here: alpha = (1 - t)^3 (1 - 0.1 t)."""
+
+  def alpha(self, t):
+    t = jnp.asarray(t, jnp.float32)
+    return (1.0 - t) ** 3 * (1.0 - 0.1 * t)
+
+
+def test_schedule_inverse_bisects_other_schedules():
+  s = _Cubic()
+  t = jnp.linspace(0.0, 0.95, 96)
+  got = jax.jit(lambda a: schedule_inverse.time_at_alpha(s, a))(s.alpha(t))
+  np.testing.assert_allclose(np.asarray(s.alpha(got)), np.asarray(s.alpha(t)), atol=3e-7)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(t), atol=2e-5)
+
+
+_NOISE_SEEN = []  # (noise level the model received [B], masked fraction of its input [B])
+
+
+@jax.tree_util.register_pytree_node_class
+class _RecordNoise(ModelDenoiser):
+  """A model denoiser that records the noise level its model receives next to the masked
+  fraction of the input it receives (host callbacks from inside the compiled sampler)."""
+
+  def _record(self, xt_BxL, t_B):
+    jax.debug.callback(lambda n, f: _NOISE_SEEN.append((np.asarray(n), np.asarray(f))),
+                       self._noise(t_B), jnp.mean(xt_BxL == self.mask_id, axis=1))
+
+  def __call__(self, xt_BxL, t_B):
+    self._record(xt_BxL, t_B)
+    return super().__call__(xt_BxL, t_B)
+
+  def features(self, xt_BxL, t_B):
+    self._record(xt_BxL, t_B)
+    return super().features(xt_BxL, t_B)
+
+
+def test_confidence_gives_time_conditioned_models_the_true_masked_fraction():
+  """A time-conditioned model trained with a cosine schedule read noise level mask_prob(t) over
+  all real tokens. At every confidence step it must receive the fraction of its input's tokens
+  that are masked (given tokens count): under guidance (the conditional half is the plain call;
+  the unconditional half, with the prompt masked too, gets its own larger fraction) and in
+  semi-AR windows (the window's fraction; the unguided path). Two compiles: a few seconds."""
+  cosine = schedules.get("cosine")
+  net = build(presets.get("tiny", vocab_size=V, max_seq_len=L, d_model=16, num_heads=2,
+                          num_layers=1, time_conditioning=True), seed=0)
+  d = denoiser_from_model(net, cosine)
+  rec = _RecordNoise(d.graph, d.state, cosine, True, d.mask_id, d.vocab_size, d.max_length)
+  xt = jnp.full((2, L), V, jnp.int32).at[0, :3].set(1).at[1, :9].set(2)  # prompts of 3 and 9
+  prompt = np.asarray(xt != V)
+  runs = {  # block_length = 8: one slab width, one compiled branch
+      "guided": lambda: confidence(jax.random.key(0), guided(rec, prompt, 1.0), xt, steps=6,
+                                   mask_id=V, block_length=8, temperature=0.5),
+      "semi_ar": lambda: semi_autoregressive(jax.random.key(0), rec, xt[:, :16].at[:, 12:].set(V),
+                                             window=8, stride=4, sampler="confidence", steps=4,
+                                             mask_id=V),
+  }
+  for name, call in runs.items():
+    _NOISE_SEEN.clear()
+    jax.block_until_ready(call())
+    jax.effects_barrier()
+    assert len(_NOISE_SEEN) >= 4, name
+    for noise_B, fraction_B in _NOISE_SEEN:
+      assert np.any(fraction_B > 0), name
+      # A fully masked input (the guided unconditional branch at the start) gets the schedule's
+      # highest noise level, 1 - alpha(1) = 1 - eps.
+      reachable_B = np.minimum(fraction_B, float(cosine.mask_prob(1.0)))
+      np.testing.assert_allclose(noise_B, reachable_B, atol=2e-6, err_msg=name)
+    if name == "guided":  # the unconditional half of the batch saw more masks
+      assert all(np.all(f[2:] > f[:2]) for _, f in _NOISE_SEEN)
 
 
 def test_cache_is_exact_for_time_dependent_denoisers_any_batch():
@@ -726,8 +821,9 @@ def test_sample_cli_end_to_end(tmp_path):
   summary = json.load(open(out + ".summary.json"))
   assert summary["gen_ppl"] > 1 and summary["unigram_entropy"] > 0
   assert "=== sample 2 ===" in proc.stdout
-  for args in (["sampler=confidence", "sampler.steps=8", 'prompt="KING"'],
-               ["sampler=semi_ar", "length=80", "sampler.steps=8"]):
+  for i, args in enumerate((["sampler=confidence", "sampler.steps=8", 'prompt="KING"'],
+                            ["sampler=semi_ar", "length=80", "sampler.steps=8"])):
+    out = str(tmp_path / f"s{i}.jsonl")  # an existing output is refused, never overwritten
     proc = run_python(["-m", "mdlm.sample", f"run={run_dir}", "num_samples=2", f"output={out}"]
                       + args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -751,7 +847,7 @@ def test_sharded_sampling_equals_one_device(tiny_run, tmp_path):
   from tests.helpers import run_python
   script = textwrap.dedent("""
       import dataclasses, sys, jax, numpy as np
-      from mdlm import checkpointing, sample, sharding
+      from mdlm import rundir, sample, sharding
       from mdlm.config import MeshConfig
       from mdlm.sampling import config as config_lib, denoiser_from_model, run_sampler
       from mdlm.sampling import shard_denoiser
@@ -762,7 +858,7 @@ def test_sharded_sampling_equals_one_device(tiny_run, tmp_path):
                                     length=24, output=out, print_samples=False, progress=False,
                                     mesh=MeshConfig(data=2, fsdp=2, tensor=1))
       tokens = np.array([it["tokens"] for it in sample.run(cfg)["samples"]])
-      loaded = checkpointing.load_run(run_dir)
+      loaded = rundir.load_run(run_dir)
       plain = denoiser_from_model(loaded.model, loaded.config.noise.build())
       mask_id = loaded.model.mask_id
       xt_L, _ = sample._starting_sequence(cfg, loaded.tokenizer, mask_id, 24)

@@ -25,6 +25,12 @@ softmax over V (most of a small model's cost) run only at the candidates: the cu
 still-masked positions, compacted into the narrowest of a few static slab widths
 (`denoisers.stages`, `_slab_sizes`).
 
+Time. The sampler has no time grid: a time-conditioned denoiser is called at the t whose mask
+probability schedule.mask_prob(t) = 1 - alpha(t) equals the fraction of the sequence's tokens
+still masked (all positions, given ones included: the noise level the model was trained on is
+over every real token), through the inverse of the denoiser's schedule
+(`denoisers.at_masked_fraction`). Under guidance each branch gets the t of its own input.
+
 A step at which no row has anything to commit (the block is finished: under the threshold rule,
 or when a block has fewer masked positions than steps) does not call the denoiser: the loop jumps
 to the next step with work.
@@ -92,10 +98,10 @@ def _predict(logits_BxSxV, bits_2xBxS, spec: Spec):
 
 def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
   b, length = xt_BxL.shape
-  features_of, logits_at = denoisers.stages(denoise)
+  # A time-conditioned model sees the t whose mask probability is its input's masked fraction.
+  features_of, logits_at = denoisers.stages(denoisers.at_masked_fraction(denoise, spec.mask_id))
   masked0_BxL = xt_BxL == spec.mask_id
   rank0_BxL = jnp.cumsum(masked0_BxL, axis=1, dtype=jnp.int32) - 1
-  start_count_B = jnp.sum(masked0_BxL, axis=1, dtype=jnp.int32)
   block_of_step = jnp.asarray(spec.block_of_step, jnp.int32)
   step_in_block = jnp.asarray(spec.step_in_block, jnp.int32)
   steps_in_block = jnp.asarray(spec.steps_in_block, jnp.int32)
@@ -155,10 +161,8 @@ def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
     steps_left = steps_in_block[block_of_step[i]] - step_in_block[i]
     k_B = (remaining_B + steps_left - 1) // steps_left  # LLaDA's linear schedule
 
-    # t for a time-conditioned denoiser: the fraction of the row's positions still masked.
-    still_B = jnp.sum(x == spec.mask_id, axis=1)
-    t_B = jnp.maximum(still_B / jnp.maximum(start_count_B, 1), 1e-5).astype(jnp.float32)
-    features = features_of(x, t_B)
+    # The wrapper replaces this t by the schedule's time of the same masked fraction.
+    features = features_of(x, jnp.mean(x == spec.mask_id, axis=1, dtype=jnp.float32))
     # The narrowest slab that holds every row's candidates.
     branch = jnp.sum(sizes >= jnp.max(remaining_B)) - 1
     x, fill_BxL, commits_B = jax.lax.switch(branch, branches, features, x, fill_BxL,
@@ -227,6 +231,8 @@ def confidence(key, denoise, xt, *, steps: int, mask_id: int, block_length: Opti
   threshold: Fast-dLLM rule, commit every prediction with probability >= threshold (and at least
     the scheduled count). temperature: 0 = argmax predictions, > 0 = exact tempered draws.
   remasking: "low_confidence" (keep the most probable) or "random" (LLaDA's random remasking).
+  A time-conditioned denoiser is called at the t whose mask probability under its `schedule` is
+  the fraction of the sequence still masked (module docstring, Time).
 
   Returns (tokens, stats): stats["nfe"], stats["steps"], stats["commits"] [steps, B] (tokens
   committed per step), stats["fill_step"] [B, L] (1-based step that filled each position; 0 if

@@ -19,6 +19,14 @@ class SamplerConfig:
     MARIA head of a run trained with objective=maria: one denoiser pass, then left-to-right
     KV-cached AR decoding; uses temperature, top_p and refresh_every only).
   steps: T for ancestral (per window for semi_ar), the step budget for confidence.
+  temperature: 0 = greedy (argmax). The confidence presets (confidence, fast_dllm) keep LLaDA's
+    default of 0 on purpose, so that they reproduce LLaDA's (and Fast-dLLM's) greedy decoding:
+    predictions are argmax and low-confidence remasking commits the most confident, so the
+    sampler is deterministic and every sample from one starting sequence is the same (for
+    unconditional generation, every sample); so is maria at 0 (greedy decoding). The CLI then
+    warns on stderr when num_samples > 1 and records identical_by_construction in the summary.
+    Set temperature > 0 (e.g. 1.0: exact draws from the model) or remasking=random for distinct
+    samples. ancestral, semi_ar and maria default to 1.0.
   guidance: unsupervised CFG weight w (SMDM) on the prompt / template tokens; 0 = off.
   refresh_every: maria: recompute the denoiser states every k filled tokens; 0 = one pass.
   """
@@ -64,8 +72,10 @@ class SampleConfig:
   """run: a run directory or one of its checkpoint step directories (required).
   length: tokens per sample (default: the run's data.seq_len; beyond the model's maximum only
     with sampler=semi_ar). prompt: text after BOS to continue; template: text with [MASK] /
-    [MASK*n] markers to fill (quote it for Hydra: 'template="The [MASK*5] of Denmark"').
-  output: JSON Lines file (default <run>/samples/<sampler>-seed<seed>.jsonl).
+    [MASK*n] markers to fill. On the command line both are taken as literal text:
+    template="The [MASK*5] of Denmark" works as the shell delivers it (no Hydra quoting needed).
+  output: JSON Lines file; never overwritten (an existing one is refused before anything loads).
+    Default: <run>/samples/<sampler>-seed<seed>.jsonl, numbered -1, -2, ... once that exists.
   evaluator: an AR run directory for generative perplexity (optional).
   mesh: the (data, fsdp, tensor) device mesh, as in training. By default every device is on the
     data axis. With more than one device the denoiser's parameters are placed by mesh.rules and

@@ -8,6 +8,9 @@ attributes the samplers read when present:
   max_length       the longest sequence the denoiser accepts
   time_conditioned whether the output depends on t (informational: the cached samplers here skip
                    only calls whose output would be unused, which is exact either way)
+  schedule         the noise schedule a time-conditioned denoiser reads t through
+                   (mask_prob(t) = 1 - alpha(t)); the confidence sampler, which has no time grid,
+                   inverts it to pass the t of the input's masked fraction (at_masked_fraction)
 
 Two stages (optional). A sampler needs predictions only at the positions it fills, and in a small
 model the V-way output head is most of the forward pass (the tiny preset, d = 64 and V = 4096:
@@ -36,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from mdlm.sampling import schedule_inverse
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -154,7 +159,9 @@ class Guided:
   """Unsupervised classifier-free guidance (Nie et al. 2024, "Scaling up Masked Diffusion Models
   on Text", SMDM): logits = (1 + w) logits(xt) - w logits(xt with the prompt masked).
 
-  Both passes run as one call of the inner denoiser on a 2B batch.
+  Both passes run as one call of the inner denoiser on a 2B batch, at the t the sampler passes;
+  under the confidence sampler each branch gets the t of its own masked fraction instead
+  (at_masked_fraction).
   """
 
   def __init__(self, denoise: Denoiser, prompt_mask, w, mask_id: int):
@@ -211,6 +218,55 @@ def guided(denoise: Denoiser, prompt_mask, w: float, *, mask_id: Optional[int] =
   if not np.isfinite(w):
     raise ValueError(f"guidance weight w must be finite, got {w}.")
   return Guided(denoise, jnp.asarray(prompt_mask), jnp.asarray(w, jnp.float32), int(mask_id))
+
+
+# ---- the time of samplers without a time grid ---------------------------------------------------
+
+
+class _AtMaskedFraction:
+  """A denoiser called at the t its own input implies (see at_masked_fraction). Built inside a
+  traced sampler loop only, so it needs no pytree registration."""
+
+  def __init__(self, denoise: Denoiser, mask_id: int):
+    self.denoise, self.mask_id = denoise, mask_id
+    self.schedule = getattr(denoise, "schedule", None)
+    self.time_conditioned = getattr(denoise, "time_conditioned", True)
+
+  def time(self, xt_BxL):
+    """t_B with mask_prob(t) = the fraction of the row's tokens that are masked."""
+    fraction_B = jnp.mean(xt_BxL == self.mask_id, axis=1, dtype=jnp.float32)
+    if self.schedule is None or not self.time_conditioned:
+      return fraction_B
+    return schedule_inverse.time_at_mask_prob(self.schedule, fraction_B)
+
+  def __call__(self, xt_BxL, t_B):
+    del t_B  # replaced by the time of the input itself
+    return self.denoise(xt_BxL, self.time(xt_BxL))
+
+  def features(self, xt_BxL, t_B):
+    del t_B
+    return stages(self.denoise)[0](xt_BxL, self.time(xt_BxL))
+
+  def logits_at(self, features, positions_BxS):
+    return stages(self.denoise)[1](features, positions_BxS)
+
+
+def at_masked_fraction(denoise: Denoiser, mask_id: int) -> Denoiser:
+  """The denoiser called, whatever t it is given, at the t whose mask probability is the fraction
+  of its input's tokens that are masked.
+
+  Why: a time-conditioned model was trained on noise level schedule.mask_prob(t) computed over
+  all real tokens of the sequence; a sampler that commits tokens by confidence has no time grid,
+  only a masked fraction, and the t that reproduces it depends on the schedule (the inverse in
+  mdlm.sampling.schedule_inverse; t = the fraction for a denoiser without a `schedule`). Every
+  position of a sampled sequence is a real token (samplers have no padding). Under guidance each
+  branch gets its own time: the prompt-masked input of the unconditional branch is more masked
+  than the conditional one.
+  """
+  if isinstance(denoise, Guided):
+    return Guided(at_masked_fraction(denoise.denoise, mask_id), denoise.prompt_mask, denoise.w,
+                  denoise.mask_id)
+  return _AtMaskedFraction(denoise, mask_id)
 
 
 # ---- passing a denoiser through jax.jit ----------------------------------------------------------

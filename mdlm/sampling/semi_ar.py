@@ -4,7 +4,9 @@ A window of `window` positions is sampled with an inner sampler (ancestral or co
 next window starts `stride` positions later, so its first window - stride positions are the clean
 tail of the previous window (its prefix), and its last `stride` positions are new. The last window
 is aligned to end at the requested length, so its prefix may be longer. Positions that are given
-in xt (a prompt, fixed tokens) stay as they are; windows only fill masks.
+in xt (a prompt, fixed tokens) stay as they are; windows only fill masks. The denoiser sees one
+window at a time, so under the confidence sampler its t is that of the window's masked fraction
+(prefix included).
 
 The whole window loop is one compiled lax.fori_loop.
 """

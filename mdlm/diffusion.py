@@ -58,16 +58,20 @@ def sample_times(key, batch_size: int, *, t_min: float = T_MIN, antithetic: bool
   Call this on the global batch (inside the sharded step), not per device: the strata then cover
   [t_min, 1) once per global batch, which lowers the variance of the loss estimate.
   """
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   if not 0.0 <= t_min < 1.0:
     raise ValueError(f"t_min must lie in [0, 1), got {t_min}.")
+  return t_min + (1.0 - t_min) * stratified_uniform(key, batch_size, antithetic=antithetic)
+
+
+def stratified_uniform(key, batch_size: int, *, antithetic: bool = True):
+  """u_B in [0, 1): (u + i/B) mod 1 with one shared u ~ U[0, 1) (each stratum of width 1/B
+  holds exactly one draw), or B independent draws."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   if antithetic:
     u = jax.random.uniform(key, (), jnp.float32)
-    u_B = jnp.mod(u + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
-  else:
-    u_B = jax.random.uniform(key, (batch_size,), jnp.float32)
-  return t_min + (1.0 - t_min) * u_B
+    return jnp.mod(u + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
+  return jax.random.uniform(key, (batch_size,), jnp.float32)
 
 
 def discretize_times(t_B, num_steps: int):
@@ -114,7 +118,7 @@ def subs_log_probs(logits_BxLxV, xt_BxL, mask_id: int):
   return jnp.where((xt_BxL == mask_id)[..., None], logp, carry_logp)
 
 
-def _masked_cross_entropy(logits_BxLxV, x0_BxL, mask_id):
+def masked_cross_entropy(logits_BxLxV, x0_BxL, mask_id):
   """-log p_theta(x0_i | xt) from the model logits with the mask logit removed (float32)."""
   logits = jnp.asarray(logits_BxLxV, jnp.float32)
   if mask_id < logits.shape[-1]:
@@ -164,7 +168,7 @@ def nelbo(logits_BxLxV, x0_BxL, xt_BxL, t_B, schedule: schedules_lib.Schedule, m
   vocab_size = min(jnp.shape(logits_BxLxV)[-1], mask_id) if mask_id > 0 else None
   _check_tokens("x0", x0_BxL, vocab_size)
 
-  ce_BxL = _masked_cross_entropy(logits_BxLxV, x0_BxL, mask_id)
+  ce_BxL = masked_cross_entropy(logits_BxLxV, x0_BxL, mask_id)
   counted_BxL = xt_BxL == mask_id
   if token_mask_BxL is not None:
     counted_BxL = counted_BxL & jnp.asarray(token_mask_BxL, bool)

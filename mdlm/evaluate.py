@@ -1,10 +1,10 @@
-"""Likelihood evaluation: NELBO (masked diffusion) or exact NLL (AR) with standard errors.
+"""Likelihood evaluation of a trained run with the measures that apply to it (mdlm.measures).
 
-`python -m mdlm.evaluate run=<run dir or checkpoint> [split=val] [time_samples=4]
-[max_batches=null] [data.source=text data.path=...] [output=eval.json]`
+  python -m mdlm.evaluate run=<run dir or checkpoint> [measures=[nelbo,pll,masked]]
+      [split=val] [time_samples=4] [max_batches=null] [data.source=text data.path=...]
 
-The diffusion NELBO is a Monte Carlo estimate: each sequence gets `time_samples` independent draws
-of (t, xt); the standard error is over sequences (delta method for the ratio of summed nats to
+Monte Carlo measures (the NELBO, masked-token NLL) average `time_samples` independent draws per
+sequence; the standard error is over sequences (delta method for the ratio of summed nats to
 summed tokens). Bits per character divide the total nats by the characters of the evaluated text,
 so models with different tokenizers compare on the same text.
 """
@@ -17,35 +17,41 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
-from mdlm import diffusion, objectives, sharding
+from mdlm import checkpointing, cli, diffusion, objectives, sharding
+from mdlm import config as config_lib
+from mdlm import data as data_lib
+from mdlm import measures as measures_lib
+from mdlm.meap import IGNORE
+from mdlm.rundir import RunDir, load_run
 
 
-def make_eval_step(merge: Callable, ctx: objectives.Context, objective: str, time_samples: int,
-                   mesh, param_shardings=None):
-  """Jitted (params, batch, key) -> (nll_sum_B averaged over time samples, num_tokens_B)."""
-  objective_fn = objectives.get(objective)
+def make_eval_step(merge: Callable, measure: measures_lib.Measure, setup: objectives.Setup,
+                   time_samples: int, mesh, param_shardings=None):
+  """Jitted (params, batch, key) -> (nll_sum_B averaged over draws, count_B) of one measure."""
   batch_sh = sharding.batch_sharding(mesh)
-  samples = 1 if objective == "ar" else int(time_samples)
+  samples = int(time_samples) if measure.stochastic else 1
 
   def eval_fn(params, batch, key):
     model = merge(params)
 
     def one(i):
-      return objective_fn(model, batch, jax.random.fold_in(key, i), ctx)
+      return measure.fn(model, batch, jax.random.fold_in(key, i), setup)
 
     first = one(0)
     if samples == 1:
       return first.nll_sum_B, first.num_tokens_B
 
-    # Counts are averaged with the sums: where the denominator depends on the draw (maria: the
-    # masked tokens), sum(nll) / sum(count) stays a per-counted-token mean over all draws; where
-    # it does not (diffusion: real tokens), the mean count is that count.
+    # Counts are averaged with the sums: where the denominator depends on the draw (masked
+    # tokens), sum(nll) / sum(count) stays a per-counted-token mean over all draws; where it does
+    # not (the NELBO's real tokens), the mean count is that count.
     def add(i, acc):
       terms = one(i)
       return acc[0] + terms.nll_sum_B, acc[1] + terms.num_tokens_B
@@ -77,7 +83,6 @@ def ratio_with_stderr(nll_sums, counts) -> tuple[float, float]:
 def pad_rows(batch: dict, rows: int) -> dict:
   """Pads a short final batch with all-padding rows (they carry zero tokens; their labels, if
   any, are IGNORE, not token 0)."""
-  from mdlm.meap import IGNORE
   n = batch["tokens"].shape[0]
   if n == rows:
     return batch
@@ -95,14 +100,15 @@ def _to_host(x) -> np.ndarray:
 
 
 def evaluate_batches(eval_step, params, batches, mesh, rows: int, key,
-                     max_batches: Optional[int] = None, progress: bool = False) -> dict:
-  """Runs `eval_step` over an iterable of host batches; returns nll (nats/token), its standard
-  error, perplexity, bits per token, and the sequence / token counts."""
+                     max_batches: Optional[int] = None, progress: bool = False,
+                     total: Optional[int] = None, desc: str = "eval") -> dict:
+  """Runs `eval_step` over an iterable of host batches; returns nll (nats per counted unit), its
+  standard error, perplexity, bits per unit, and the sequence / unit counts."""
   nll_sums, counts = [], []
   iterator = batches
   if progress:
-    from tqdm.auto import tqdm
-    iterator = tqdm(batches, total=max_batches, desc="eval", file=sys.stderr)
+    iterator = tqdm(batches, total=total if total is not None else max_batches, desc=desc,
+                    file=sys.stderr)
   for i, batch in enumerate(iterator):
     if max_batches is not None and i >= max_batches:
       break
@@ -122,45 +128,90 @@ def evaluate_batches(eval_step, params, batches, mesh, rows: int, key,
           "tokens": float(cnt.sum()), "nats": float(sums.sum())}
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- a run
 
 
 @dataclass
 class EvalConfig:
-  """`run`: a run directory or checkpoint step directory. `data`: overrides of the run's data
-  config (e.g. data.source=text data.path=other.txt for zero-shot perplexity)."""
+  """`python -m mdlm.evaluate run=<run dir or checkpoint> [key=value ...]`.
+
+  run: a run directory or one of its checkpoints/<step> directories. measures: which measures
+  (mdlm.measures: nelbo, ar, pll, masked (= masked15, masked40, masked80), maria); empty: the
+  measure each objective of the run reports in training. data: overrides of the run's data config
+  (e.g. data.source=text data.path=other.txt for zero-shot perplexity)."""
 
   run: str = "???"
   split: str = "val"
   ema: bool = True
   step: Optional[int] = None
+  measures: List[str] = field(default_factory=list)
   time_samples: int = 4
   max_batches: Optional[int] = None
   batch_size: int = 32
   seed: int = 0
   output: Optional[str] = None   # default: <run>/eval_<split>[_<source>].json
-  data: dict = field(default_factory=dict)
+  progress: bool = True
+  data: Dict[str, Any] = field(default_factory=dict)
+
+
+def applicable_measures(cfg) -> list[str]:
+  """Every measure that applies to a model trained like `cfg` (all its objectives')."""
+  names = [m for s in objectives.run_objectives(cfg) for m in objectives.get(s.name).measures]
+  return measures_lib.expand(names)
+
+
+def default_measures(cfg) -> list[str]:
+  return list(dict.fromkeys(objectives.get(s.name).measures[0]
+                            for s in objectives.run_objectives(cfg)))
+
+
+def _chosen_measures(ecfg: EvalConfig, cfg) -> list[str]:
+  allowed = applicable_measures(cfg)
+  chosen = measures_lib.expand(ecfg.measures) if ecfg.measures else default_measures(cfg)
+  wrong = [m for m in chosen if m not in allowed]
+  if wrong:
+    trained = ", ".join(s.name for s in objectives.run_objectives(cfg))
+    raise ValueError(f"measures {wrong} do not apply to a model trained with {trained}; this run "
+                     f"can be scored with {allowed}.")
+  return chosen
+
+
+def _eval_data_config(ecfg: EvalConfig, cfg):
+  if not ecfg.data:
+    return cfg.data
+  merged = OmegaConf.merge(OmegaConf.structured(cfg.data), OmegaConf.create(dict(ecfg.data)))
+  data_cfg = OmegaConf.to_object(merged)
+  config_lib.validate(dataclasses.replace(cfg, data=data_cfg))
+  return data_cfg
+
+
+def _num_batches(data_cfg, stats: dict, rows: int) -> Optional[int]:
+  """Batches of a finite pass over a split (for the progress bar), when the layout tells."""
+  if data_cfg.meap_sft:
+    return None
+  num_rows = (math.ceil(stats["num_tokens"] / data_cfg.seq_len) if data_cfg.layout == "wrap"
+              else stats["num_documents"])
+  return math.ceil(num_rows / rows)
 
 
 def evaluate_run(ecfg: EvalConfig) -> dict:
-  from flax import nnx
-  from omegaconf import OmegaConf
-  from mdlm import checkpointing, data as data_lib
-  from mdlm import config as config_lib
-
+  """Scores a trained run with each chosen measure; writes and returns the JSON record. The first
+  measure's figures are also at the top level (nll, nll_stderr, ppl, bpt, bpc)."""
   if ecfg.split not in ("train", "val"):
     raise ValueError(f"split={ecfg.split!r}; choose val or train.")
   if ecfg.time_samples < 1 or ecfg.batch_size < 1:
     raise ValueError("time_samples and batch_size must be >= 1.")
-  loaded = checkpointing.load_run(ecfg.run, ema=ecfg.ema, step=ecfg.step)
-  cfg = loaded.config
-  data_cfg = cfg.data
-  if ecfg.data:
-    merged = OmegaConf.merge(OmegaConf.structured(cfg.data), OmegaConf.create(dict(ecfg.data)))
-    data_cfg = OmegaConf.to_object(merged)
-    config_lib.validate(dataclasses.replace(cfg, data=data_cfg))
-  model = loaded.model
-  graphdef, state = nnx.split(model)
+  run, _ = RunDir.find(ecfg.run)
+  cfg = run.load_config()
+  chosen = _chosen_measures(ecfg, cfg)  # refused before any weights load
+  data_cfg = _eval_data_config(ecfg, cfg)
+  mesh = sharding.make_mesh(-1, 1, 1)
+  rows = ecfg.batch_size
+  if rows % sharding.batch_divisor(mesh):
+    raise ValueError(f"batch_size={rows} must be divisible by the device count "
+                     f"({sharding.batch_divisor(mesh)}).")
+  loaded = load_run(ecfg.run, ema=ecfg.ema, step=ecfg.step)
+  graphdef, state = nnx.split(loaded.model)
   params = nnx.to_pure_dict(state)
 
   def merge(p):
@@ -168,59 +219,78 @@ def evaluate_run(ecfg: EvalConfig) -> dict:
     nnx.replace_by_pure_dict(st, p)
     return nnx.merge(graphdef, st)
 
-  objective = objectives.EVAL_OBJECTIVE.get(config_lib.objective(cfg), config_lib.objective(cfg))
-  ctx = objectives.Context(schedule=cfg.noise.build(), mask_id=model.mask_id,
-                           pad_layout=data_cfg.layout == "pad", t_min=cfg.noise.t_min,
-                           num_steps=cfg.noise.num_steps, antithetic=cfg.noise.antithetic)
-  mesh = sharding.make_mesh(-1, 1, 1)
-  rows = ecfg.batch_size
-  if rows % sharding.batch_divisor(mesh):
-    raise ValueError(f"batch_size={rows} must be divisible by the device count.")
-  cache_dir = data_cfg.cache_dir or os.path.join(loaded.run_dir, "data_cache")
-  ds = data_lib.build_dataset(data_cfg, loaded.tokenizer, split=ecfg.split, batch_size=rows,
-                              seed=ecfg.seed, cache_dir=cache_dir, shuffle=False, num_epochs=1)
-  step_fn = make_eval_step(merge, ctx, objective, ecfg.time_samples, mesh)
-  result = evaluate_batches(step_fn, params, ds, mesh, rows, jax.random.key(ecfg.seed),
-                            ecfg.max_batches, progress=True)
+  setup = objectives.make_setup(dataclasses.replace(cfg, data=data_cfg),
+                                loaded.tokenizer.vocab_size, loaded.tokenizer)
+  cache_dir = data_cfg.cache_dir or run.data_cache_dir
   stats = data_lib.split_stats(data_cfg, loaded.tokenizer, ecfg.split, cache_dir)
-  if stats.get("num_chars") and stats.get("num_tokens"):
-    chars_per_token = stats["num_chars"] / stats["num_tokens"]
-    result["bpc"] = result["bpt"] / chars_per_token
-    result["chars_per_token"] = chars_per_token
-  result.update(run=loaded.run_dir, step=loaded.step, split=ecfg.split, objective=objective,
-                ema=ecfg.ema, time_samples=ecfg.time_samples if objective != "ar" else 1,
+  total = _num_batches(data_cfg, stats, rows)
+  if ecfg.max_batches is not None:
+    total = min(total, ecfg.max_batches) if total is not None else ecfg.max_batches
+  results = {}
+  for name in chosen:
+    ds = data_lib.build_dataset(data_cfg, loaded.tokenizer, split=ecfg.split, batch_size=rows,
+                                seed=ecfg.seed, cache_dir=cache_dir, shuffle=False, num_epochs=1)
+    measure = measures_lib.get(name)
+    step_fn = make_eval_step(merge, measure, setup, ecfg.time_samples, mesh)
+    res = evaluate_batches(step_fn, params, ds, mesh, rows, jax.random.key(ecfg.seed),
+                           ecfg.max_batches, progress=ecfg.progress, total=total, desc=name)
+    if stats.get("num_chars") and stats.get("num_tokens") and measure.unit == "token":
+      res["chars_per_token"] = stats["num_chars"] / stats["num_tokens"]
+      res["bpc"] = res["bpt"] / res["chars_per_token"]
+    res.update(label=measure.label, unit=measure.unit,
+               time_samples=ecfg.time_samples if measure.stochastic else 1)
+    results[name] = res
+  first = results[chosen[0]]
+  result = dict(first, measure=chosen[0], measures=results, run=loaded.run_dir, step=loaded.step,
+                split=ecfg.split, objective=config_lib.objective(cfg), ema=ecfg.ema,
                 data_source=data_cfg.source, data_path=data_cfg.path)
-  output = ecfg.output or os.path.join(
-      loaded.run_dir, f"eval_{ecfg.split}" + (f"_{data_cfg.source}" if ecfg.data else "") + ".json")
+  output = ecfg.output or run.join(
+      f"eval_{ecfg.split}" + (f"_{data_cfg.source}" if ecfg.data else "") + ".json")
   with open(output, "w") as f:
     json.dump(result, f, indent=1)
   result["output"] = output
   return result
 
 
-def main(argv=None) -> int:
-  from omegaconf import OmegaConf
-  argv = sys.argv[1:] if argv is None else argv
-  if any(a in ("-h", "--help") for a in argv):
-    print(__doc__)
-    return 0
-  try:
-    schema = OmegaConf.structured(EvalConfig)
-    ecfg = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.from_dotlist(list(argv))))
-    if ecfg.run == "???":
-      raise ValueError("pass run=<run directory or checkpoint directory>")
-    result = evaluate_run(ecfg)
-  except Exception as e:  # every failure is a one-line message, never a traceback wall
-    print(f"mdlm.evaluate: {type(e).__name__}: {e}", file=sys.stderr)
-    return 1
-  unit = "NELBO" if result["objective"] == "diffusion" else "NLL"
-  print(f"{unit} {result['nll']:.4f} ± {result['nll_stderr']:.4f} nats/token | "
-        f"PPL {result['ppl']:.2f} | {result['bpt']:.4f} bits/token"
-        + (f" | {result['bpc']:.4f} bits/char" if "bpc" in result else "")
-        + f" | {result['sequences']} sequences, {result['tokens']:.0f} tokens")
-  print(f"wrote {result['output']}")
-  return 0
+# ----------------------------------------------------------------------------- CLI
+
+
+def _report(result: dict) -> str:
+  lines = []
+  for name, r in result["measures"].items():
+    per = r["unit"]
+    line = (f"{r['label']} {r['nll']:.4f} ± {r['nll_stderr']:.4f} nats/{per} | "
+            f"{'pseudo-' if name == 'pll' else ''}PPL {r['ppl']:.2f} | {r['bpt']:.4f} bits/{per}")
+    if "bpc" in r:
+      line += f" | {r['bpc']:.4f} bits/char"
+    lines.append(line + f" | {r['sequences']} sequences, {r['tokens']:.0f} {per}s")
+  return "\n".join(lines)
+
+
+def _hydra_main():
+  import hydra
+  from hydra.core.config_store import ConfigStore
+  ConfigStore.instance().store(name="base_evaluate", node=EvalConfig)
+
+  @hydra.main(version_base=None, config_path=_config_path(), config_name="evaluate")
+  def main(hydra_cfg) -> None:
+    cli.setup_logging()
+    try:
+      ecfg = OmegaConf.to_object(hydra_cfg)
+      if ecfg.run in (None, "", "???"):
+        raise ValueError("pass run=<run directory or checkpoint directory>")
+      result = evaluate_run(ecfg)
+    except (ValueError, FileNotFoundError, checkpointing.CheckpointError) as e:
+      raise SystemExit(f"mdlm.evaluate: {e}")
+    print(_report(result))
+    print(f"wrote {result['output']}")
+
+  main()
+
+
+def _config_path() -> str:
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  _hydra_main()

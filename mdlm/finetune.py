@@ -19,14 +19,17 @@ import shutil
 from typing import Any, NoReturn, Optional
 
 import jax
+from flax import nnx
 
-from mdlm import checkpointing
+from mdlm import checkpointing, models
 from mdlm import config as config_lib
+from mdlm import data as data_lib
+from mdlm.data import tokenizers
 from mdlm.models.config import ModelConfig
+from mdlm.rundir import RunDir
 
 log = logging.getLogger("mdlm.finetune")
 
-PROVENANCE_FILE = "init_from.json"
 
 # Fields of ModelConfig that decide the parameter shapes (with d_ff: see shape_diffs).
 SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "mlp", "norm",
@@ -69,21 +72,21 @@ def resolve(tc: config_lib.TrainConfig) -> Source:
 
   Reads only its config.yaml, tokenizer/ and checkpoint list; the weights are read by load_params.
   """
-  from mdlm import data as data_lib
   path = tc.init_from
   fix = ("point train.init_from at a run directory written by `python -m mdlm.train` (with "
          "config.yaml, tokenizer/ and checkpoints/) or at one of its checkpoints/<step> "
          "directories, or drop train.init_from to train from scratch")
   try:
-    run_dir, path_step = checkpointing._find_run_dir(path)
+    run, path_step = RunDir.find(path)
   except FileNotFoundError as e:
     _refuse(path, f"{e} Fix: {fix}.")
+  run_dir = run.path
   if path_step is not None and tc.init_from_step is not None and path_step != tc.init_from_step:
     _refuse(path, f"names checkpoint step {path_step} but train.init_from_step="
                   f"{tc.init_from_step}; drop one of the two.")
   step = tc.init_from_step if tc.init_from_step is not None else path_step
   try:
-    src_cfg = checkpointing.load_config(run_dir)
+    src_cfg = run.load_config()
   except Exception as e:  # an unreadable or invalid config.yaml
     _refuse(path, f"cannot read {run_dir}/config.yaml ({e}). Fix: {fix}.")
   if config_lib.objective(src_cfg) == "maria":
@@ -91,11 +94,11 @@ def resolve(tc: config_lib.TrainConfig) -> Source:
                   "model; fine-tune from one of its backbone runs "
                   f"({src_cfg.train.maria_denoiser_run} or {src_cfg.train.maria_ar_run}).")
   try:
-    tokenizer = data_lib.load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    tokenizer = data_lib.load_tokenizer(run.tokenizer_dir)
   except (ValueError, OSError) as e:
     _refuse(path, f"the source's tokenizer cannot be read ({e}). Fix: {fix}.")
   try:
-    steps = checkpointing.checkpoint_steps(run_dir)
+    steps = run.checkpoint_steps()
   except FileNotFoundError as e:
     _refuse(path, f"{e} Train the source run first (or finish it), or {fix}.")
   if step is None:
@@ -109,7 +112,6 @@ def resolve(tc: config_lib.TrainConfig) -> Source:
 
 def check_tokenizer(cfg: config_lib.Config, source: Source) -> None:
   """The new run must ask for the tokenizer the source has: it is reused, never retrained."""
-  from mdlm.data import tokenizers
   t, src = cfg.tokenizer, source.tokenizer
   if cfg.data.source == "arrayrecord":
     return  # shards carry their own tokenizer; the data pipeline refuses one that differs
@@ -157,8 +159,6 @@ def check_model(model_cfg: ModelConfig, source: Source) -> None:
   """The new model must have the source's parameter shapes; refuses naming the fields and fix.
 
   model_cfg: the new run's model with vocab_size resolved."""
-  from flax import nnx
-  from mdlm import models
   src = source.model_cfg
   diffs = shape_diffs(model_cfg, src)
   if diffs:
@@ -192,8 +192,7 @@ def copy_tokenizer(source: Source, run_dir: str) -> None:
   """Copies the source's tokenizer/ into the new run (atomically), so that it is loaded there,
   never retrained. An existing tokenizer/ (an earlier start that stopped before its first
   checkpoint) is kept if it is the same tokenizer, else refused."""
-  from mdlm import data as data_lib
-  dst = os.path.join(run_dir, "tokenizer")
+  dst = RunDir(run_dir).tokenizer_dir
   if os.path.isdir(dst) and os.listdir(dst):
     try:
       same = data_lib.load_tokenizer(dst).fingerprint == source.tokenizer.fingerprint
@@ -205,7 +204,7 @@ def copy_tokenizer(source: Source, run_dir: str) -> None:
     return
   tmp = f"{dst}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
-  shutil.copytree(os.path.join(source.run_dir, "tokenizer"), tmp)
+  shutil.copytree(RunDir(source.run_dir).tokenizer_dir, tmp)
   if os.path.isdir(dst):
     os.rmdir(dst)  # empty
   os.replace(tmp, dst)
@@ -214,10 +213,11 @@ def copy_tokenizer(source: Source, run_dir: str) -> None:
 def load_params(source: Source, params_abs, shardings):
   """The source's weights (EMA or raw) as a pure dict, restored straight into `shardings`."""
   try:
-    params, _ = checkpointing.restore_params(source.run_dir, params_abs, ema=source.ema,
-                                             step=source.step, shardings=shardings)
+    params, _ = checkpointing.restore_params(RunDir(source.run_dir).checkpoints_dir, params_abs,
+                                             ema=source.ema, step=source.step,
+                                             shardings=shardings)
   except Exception as e:  # orbax raises many kinds: unreadable files, a truncated save, ...
-    others = [s for s in checkpointing.checkpoint_steps(source.run_dir) if s != source.step]
+    others = [s for s in RunDir(source.run_dir).checkpoint_steps() if s != source.step]
     alt = (f"set train.init_from_step to another step ({others})" if others
            else "re-train the source run")
     _refuse(source.path, f"checkpoint step {source.step} of {source.run_dir} is unreadable "
@@ -232,7 +232,7 @@ def write_provenance(source: Source, run_dir: str) -> dict:
             "weights": "ema" if source.ema else "params",
             "objective": config_lib.objective(source.config), "model_kind": source.model_cfg.kind,
             "tokenizer_fingerprint": source.tokenizer.fingerprint}
-  path = os.path.join(run_dir, PROVENANCE_FILE)
+  path = RunDir(run_dir).init_from_path
   with open(path + ".tmp", "w") as f:
     json.dump(record, f, indent=1)
   os.replace(path + ".tmp", path)
@@ -240,7 +240,7 @@ def write_provenance(source: Source, run_dir: str) -> dict:
 
 
 def read_provenance(run_dir: str) -> Optional[dict]:
-  path = os.path.join(run_dir, PROVENANCE_FILE)
+  path = RunDir(run_dir).init_from_path
   if not os.path.exists(path):
     return None
   with open(path) as f:

@@ -25,11 +25,11 @@ import dataclasses
 import random as random_lib
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdlm import diffusion
+from mdlm import diffusion, masking
+from mdlm.masking import mask_count  # noqa: F401  (the exact-count rule, shared with MEAP-SFT)
 
 IGNORE = -1  # label value for positions that carry no loss in SFT examples
 
@@ -47,16 +47,6 @@ def eligible_positions(tokens_BxL, token_mask_BxL=None, *, bos_id: int | None):
   return eligible
 
 
-def mask_count(eligible, ratio: float):
-  """round(ratio * eligible), halves rounded up, in exact integer arithmetic (ratio taken to four
-  decimals): a float32 product would round 0.15 * 10 = 1.5000001 differently from 1.4999999.
-  A Python int gives a Python int (no JAX op: the data pipeline calls this once per row)."""
-  ratio_e4 = int(round(ratio * 10_000))
-  if isinstance(eligible, (int, np.integer)):
-    return (int(eligible) * ratio_e4 + 5_000) // 10_000
-  return (jnp.asarray(eligible, jnp.int32) * ratio_e4 + 5_000) // 10_000
-
-
 def meap_mask(key, tokens_BxL, token_mask_BxL=None, *, ratio: float, mask_id: int,
               bos_id: int | None):
   """Returns (inputs_BxL, masked_BxL): tokens with exactly mask_count(eligible_b, ratio) =
@@ -69,35 +59,9 @@ def meap_mask(key, tokens_BxL, token_mask_BxL=None, *, ratio: float, mask_id: in
     raise ValueError(f"tokens must be [batch, length], got shape {tokens_BxL.shape}.")
   eligible_BxL = eligible_positions(tokens_BxL, token_mask_BxL, bos_id=bos_id)
   count_Bx1 = mask_count(jnp.sum(eligible_BxL, axis=1, keepdims=True), ratio)
-  # Ineligible positions get score 2 > any uniform draw, so they rank after every eligible one.
-  score_BxL = jnp.where(eligible_BxL, jax.random.uniform(key, tokens_BxL.shape), 2.0)
-  rank_BxL = jnp.argsort(jnp.argsort(score_BxL, axis=1), axis=1)
-  masked_BxL = eligible_BxL & (rank_BxL < count_Bx1)
+  masked_BxL = masking.choose_uniform(key, eligible_BxL, count_Bx1)
   inputs_BxL = jnp.where(masked_BxL, jnp.asarray(mask_id, tokens_BxL.dtype), tokens_BxL)
   return inputs_BxL, masked_BxL
-
-
-def meap_loss(model, batch, key, *, ratio: float, mask_id: int, bos_id: int | None,
-              attention_mask_BxL=None, dropout_key=None) -> diffusion.LossTerms:
-  """One MEAP draw: per-sequence next-token NLL from masked inputs, as diffusion.LossTerms.
-
-  batch: {"tokens": int [B, L], "token_mask": bool [B, L] (optional)}. The targets are the clean
-  tokens x_{i+1}; num_tokens_B counts the real targets (as for the plain AR loss), so
-  sum(nll_sum_B) / sum(num_tokens_B) is the mean next-token NLL. attention_mask_BxL (padding,
-  pad layout only) is passed to the model as its key mask.
-  """
-  tokens_BxL = jnp.asarray(batch["tokens"])
-  token_mask_BxL = batch.get("token_mask")
-  if token_mask_BxL is None:
-    token_mask_BxL = jnp.ones(tokens_BxL.shape, bool)
-  inputs_BxL, masked_BxL = meap_mask(key, tokens_BxL, token_mask_BxL, ratio=ratio,
-                                     mask_id=mask_id, bos_id=bos_id)
-  logits = model(inputs_BxL, token_mask_BxL=attention_mask_BxL, dropout_key=dropout_key)
-  # ar_nll reads the targets from its second argument: the clean tokens, not the inputs.
-  nll_BxLm1 = diffusion.ar_nll(logits, tokens_BxL, token_mask_BxL)
-  counted_B = jnp.sum(jnp.asarray(token_mask_BxL, bool)[:, 1:], axis=-1).astype(jnp.float32)
-  return diffusion.LossTerms(jnp.sum(nll_BxLm1, axis=-1), counted_B,
-                             jnp.sum(masked_BxL, axis=-1).astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,15 @@
 """The trainer: `python -m mdlm.train [hydra overrides]`, or `mdlm.train.run(cfg)`.
 
-One pure, jitted train step over a (data, fsdp, tensor) mesh with donated state; grain data whose
-iterator state is checkpointed; orbax async checkpoints with exact resume; EMA evaluation;
-metrics.jsonl + TensorBoard; clean stop on SIGTERM/SIGINT and on a non-finite loss. Fine-tuning
-starts from another run's weights and tokenizer with `train.init_from=<run_dir>` (mdlm.finetune).
+One pure, jitted train step per objective over a (data, fsdp, tensor) mesh with donated state;
+grain data whose iterator state is checkpointed; orbax async checkpoints with exact resume; EMA
+evaluation with the measures that apply to the objectives; metrics.jsonl + TensorBoard; a clean
+stop on SIGTERM/SIGINT and on a non-finite loss or gradient. `train.phases` trains one model
+under several objectives in turn (AntLM). Fine-tuning starts from another run's weights and
+tokenizer with `train.init_from=<run_dir>` (mdlm.finetune).
+
+Everything is checked before anything is compiled or written: the config, the resume policy, the
+mesh against the devices, the fine-tuning source, then the data; a refused start leaves an
+existing run directory exactly as it was.
 """
 
 from __future__ import annotations
@@ -23,13 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tensorboard.summary import Writer
+from tqdm.auto import tqdm
 
-from mdlm import checkpointing, diffusion, finetune, objectives, perf, sharding
-from mdlm.evaluate import evaluate_batches, make_eval_step
+from mdlm import checkpointing, cli, finetune, models, objectives, rundir, sharding
 from mdlm import config as config_lib
-from mdlm import models
+from mdlm import data as data_lib
+from mdlm import measures as measures_lib
 from mdlm.config import Config
+from mdlm.evaluate import evaluate_batches, make_eval_step
 from mdlm.models import presets
+from mdlm.rundir import RunDir
 
 log = logging.getLogger("mdlm.train")
 
@@ -64,6 +74,13 @@ def make_optimizer(o: config_lib.OptimConfig, total_steps: int) -> optax.Gradien
   return optax.chain(*parts)
 
 
+def ema_decay_at(decay: float, step):
+  """The EMA decay at optimizer step n (0-based): min(decay, (1 + n) / (10 + n)). The warm-up
+  keeps the average from dwelling on the random initialisation in short runs."""
+  n = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
 # ----------------------------------------------------------------------------- the model state
 
 
@@ -75,12 +92,16 @@ class ModelSpec:
   template: Any          # nnx.State of abstract parameters (copied before each merge)
   param_shardings: Any   # pure dict of NamedSharding
   cfg: Any
-  initial_params: Any = None  # pure dict of loaded parameters (MARIA); None: fresh init from seed
+  initial_params: Any = None  # pure dict of given parameters (MARIA); None: fresh init from seed
 
   def merge(self, params):
     state = jax.tree.map(lambda x: x, self.template)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(self.graphdef, state)
+
+  def abstract_params(self):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        nnx.to_pure_dict(self.template))
 
 
 def model_spec(model_cfg, mesh, rules) -> ModelSpec:
@@ -91,13 +112,10 @@ def model_spec(model_cfg, mesh, rules) -> ModelSpec:
   return ModelSpec(graphdef, state, sharding.tree_shardings(logical, rules, mesh, shapes), model_cfg)
 
 
-def maria_spec(head, model_cfg, mesh, rules, seq_len: int) -> ModelSpec:
-  """objective=maria: the head's graph and shardings; its parameters are the loaded backbones and
-  W (only W trains: see hybrid.freeze_backbones)."""
-  if seq_len > head.max_seq_len:
-    raise ValueError(f"data.seq_len={seq_len} exceeds the MARIA backbones' max_seq_len="
-                     f"{head.max_seq_len}; use the data settings of the backbone runs.")
-  graphdef, state = nnx.split(head)
+def given_spec(module, model_cfg, mesh, rules) -> ModelSpec:
+  """A module that comes with its parameters (MARIA's head over its loaded backbones): its graph,
+  shardings and those parameters; it trains without dropout."""
+  graphdef, state = nnx.split(module)
   params = nnx.to_pure_dict(state)
   template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   logical = nnx.to_pure_dict(nnx.get_partition_spec(state))
@@ -105,91 +123,107 @@ def maria_spec(head, model_cfg, mesh, rules, seq_len: int) -> ModelSpec:
                    model_cfg.replace(dropout=0.0), initial_params=params)
 
 
-def init_state(spec: ModelSpec, tx, seed: int, mesh, params=None):
+def init_state(spec: ModelSpec, tx, seed: int, mesh, params=None, objective_state=None):
   """Initial train state, created directly with its shardings (no host-side full copy).
 
   params: starting parameters (a pure dict placed with spec.param_shardings, e.g. train.init_from)
   instead of spec.initial_params or a fresh init; they are donated (the caller drops them). The
-  optimizer state, step and RNG are always fresh and the EMA starts at the parameters."""
+  optimizer state, step and RNG are always fresh and the EMA starts at the parameters.
+  objective_state: {objective name: its initial state} of stateful objectives."""
 
   def init(loaded):
     params = (loaded if loaded is not None
               else nnx.to_pure_dict(nnx.state(models.build(spec.cfg, seed=seed))))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "ema": params, "rng": jax.random.key_data(jax.random.key(seed))}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "ema": params, "rng": jax.random.key_data(jax.random.key(seed))}
+    if objective_state:
+      state["objective"] = objective_state
+    return state
 
-  shardings = state_shardings(spec, tx, mesh)
+  shardings = state_shardings(spec, tx, mesh, objective_state)
   if params is not None:  # donated: a fine-tune holds no third copy of the weights
     return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params), shardings
   return jax.jit(init, out_shardings=shardings)(spec.initial_params), shardings
 
 
-def state_shardings(spec: ModelSpec, tx, mesh):
+def state_shardings(spec: ModelSpec, tx, mesh, objective_state=None):
   repl = sharding.replicated(mesh)
-  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                 nnx.to_pure_dict(spec.template))
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  abstract_opt = jax.eval_shape(tx.init, spec.abstract_params())
   # MaskedNode: a parameter a masked / partitioned transformation holds no state for (MARIA).
   masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_sh = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, abstract_opt,
                                  spec.param_shardings, transform_non_params=lambda _: repl,
                                  is_leaf=masked)
-  return {"step": repl, "params": spec.param_shardings, "opt_state": opt_sh,
-          "ema": spec.param_shardings, "rng": repl}
+  out = {"step": repl, "params": spec.param_shardings, "opt_state": opt_sh,
+         "ema": spec.param_shardings, "rng": repl}
+  if objective_state:
+    out["objective"] = jax.tree.map(lambda _: repl, objective_state)
+  return out
 
 
 # ----------------------------------------------------------------------------- steps
 
 
-def make_train_step(spec: ModelSpec, tx, ctx: objectives.Context, objective: str, ema_decay: float,
+def make_train_step(spec: ModelSpec, tx, objective: objectives.Objective, ema_decay: float,
                     grad_accum: int, shardings, mesh, schedule: Optional[optax.Schedule] = None):
-  objective_fn = objectives.get(objective)
+  """The jitted step of one objective: draw its corruption over the global batch, accumulate the
+  micro-batch gradients of sum(nll_sum_B) / denominator, update, and carry the EMA (and the
+  objective's state, if it has one)."""
   batch_sh = sharding.batch_sharding(mesh)
   use_dropout = spec.cfg.dropout > 0
+  stateful = objective.stateful
 
   def step_fn(state, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    obj_state = state.get("objective", {}).get(objective.name)
     batch = dict(batch)
     batch_size = batch["tokens"].shape[0]
-    if objective == "diffusion":  # times and masks drawn over the *global* batch
-      batch.update(objectives.corrupt_batch(batch, jax.random.fold_in(key, 0), ctx))
-    elif objective == "maria":  # likewise, so the masked-token count is known up front
-      batch.update(objectives.maria_corrupt_batch(batch, jax.random.fold_in(key, 0), ctx))
-    # Normalise by the counted tokens of the whole global batch (the unit evaluation reports:
-    # per masked token for maria, per label for MEAP-SFT), so accumulated micro-batch gradients
-    # sum to exactly the full-batch gradient.
-    total_tokens = jnp.maximum(objectives.loss_denominator(objective, batch, ctx), 1.0)
+    batch.update(objective.draw(batch, key, state["step"], obj_state))
+    # Normalise by the counted tokens of the whole global batch (the unit evaluation reports), so
+    # accumulated micro-batch gradients sum to exactly the full-batch gradient.
+    total_tokens = jnp.maximum(objective.denominator(batch), 1.0)
 
     def micro_loss(params, micro, micro_key):
       model = spec.merge(params)
       dropout_key = jax.random.fold_in(micro_key, 2) if use_dropout else None
-      terms = objective_fn(model, micro, micro_key, ctx, dropout_key=dropout_key)
-      return jnp.sum(terms.nll_sum_B) / total_tokens
+      terms, aux = objective.loss(model, micro, micro_key, dropout_key=dropout_key)
+      loss = jnp.sum(terms.nll_sum_B) / total_tokens
+      # Only a stateful objective returns its per-row terms: the stateless step's graph (and so
+      # its numerics) stays exactly what it was.
+      return (loss, (terms, aux)) if stateful else loss
 
-    grad_fn = jax.value_and_grad(micro_loss)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=stateful)
     if grad_accum == 1:
-      loss, grads = grad_fn(state["params"], batch, jax.random.fold_in(key, 1))
+      out, grads = grad_fn(state["params"], batch, jax.random.fold_in(key, 1))
     else:
       micro_batches = jax.tree.map(
           lambda x: x.reshape((grad_accum, batch_size // grad_accum) + x.shape[1:]), batch)
 
       def body(carry, inputs):
         i, micro = inputs
-        loss_i, grads_i = grad_fn(state["params"], micro, jax.random.fold_in(key, 100 + i))
-        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+        out_i, grads_i = grad_fn(state["params"], micro, jax.random.fold_in(key, 100 + i))
+        loss_i, rest = (out_i[0], out_i[1]) if stateful else (out_i, None)
+        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), rest
 
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
-      (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro_batches))
+      (loss, grads), rest = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro_batches))
+      merge_rows = lambda x: x.reshape((batch_size,) + x.shape[2:])
+      out = (loss, jax.tree.map(merge_rows, rest)) if stateful else loss
+    loss = out[0] if stateful else out
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     if ema_decay > 0:
       # e + (1 - d)(p - e): a parameter that did not move (MARIA's frozen backbones) stays
       # bit-identical, which d e + (1 - d) p does not guarantee.
-      ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state["ema"], params)
+      decay = ema_decay_at(ema_decay, state["step"])
+      ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state["ema"], params)
     else:
       ema = params
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema,
-                 "rng": state["rng"]}
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state, ema=ema)
+    if stateful:
+      terms, aux = out[1]
+      new_state["objective"] = dict(state["objective"], **{
+          objective.name: objective.update_state(obj_state, batch, terms, aux)})
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": total_tokens,
                "lr": schedule(state["step"]) if schedule is not None else jnp.nan}
     return new_state, metrics
@@ -200,19 +234,16 @@ def make_train_step(spec: ModelSpec, tx, ctx: objectives.Context, objective: str
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-# ----------------------------------------------------------------------------- logging
+# ----------------------------------------------------------------------------- records
 
 
 class MetricsLog:
   """metrics.jsonl (one JSON object per event) and TensorBoard scalars; process 0 only."""
 
-  def __init__(self, run_dir: str, enabled: bool = True):
+  def __init__(self, run: RunDir, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(run_dir, "metrics.jsonl")
-    self.tb = None
-    if enabled:
-      from tensorboard.summary import Writer
-      self.tb = Writer(os.path.join(run_dir, "tb"))
+    self.path = run.metrics_path
+    self.tb = Writer(run.tb_dir) if enabled else None
 
   def write(self, record: dict) -> None:
     if not self.enabled:
@@ -239,52 +270,6 @@ class MetricsLog:
       self.tb.close()
 
 
-def write_status(run_dir: str, **fields) -> None:
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(run_dir, "status.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(fields, f, indent=1)
-  os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-def encode_iterator_state(state: Any) -> dict:
-  """grain iterator state -> JSON (bytes become base64 strings, tagged)."""
-  import base64
-
-  def enc(x):
-    if isinstance(x, bytes):
-      return {"__bytes__": base64.b64encode(x).decode()}
-    if isinstance(x, dict):
-      return {k: enc(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-      return [enc(v) for v in x]
-    if isinstance(x, np.generic):
-      return x.item()
-    return x
-
-  return {"iterator": enc(state)}
-
-
-def decode_iterator_state(payload: dict) -> Any:
-  import base64
-
-  def dec(x):
-    if isinstance(x, dict):
-      if set(x) == {"__bytes__"}:
-        return base64.b64decode(x["__bytes__"])
-      return {k: dec(v) for k, v in x.items()}
-    if isinstance(x, list):
-      return [dec(v) for v in x]
-    return x
-
-  return dec(payload["iterator"])
-
-
 class _StopFlag:
   def __init__(self):
     self.signal = None
@@ -293,12 +278,28 @@ class _StopFlag:
     self.signal = signum
 
 
-def _check_resume_config(cfg: Config, run_dir: str) -> None:
+def phase_at(step: int, tc: config_lib.TrainConfig) -> tuple[int, Optional[str]]:
+  """(phase index, objective name) of the step with 0-based index `step`; (0, None) without
+  train.phases."""
+  if not tc.phases:
+    return 0, None
+  cycle = sum(p.steps for p in tc.phases)
+  pos = step % cycle if tc.phase_cycle else min(step, cycle - 1)
+  for i, phase in enumerate(tc.phases):
+    if pos < phase.steps:
+      return i, phase.objective
+    pos -= phase.steps
+  raise AssertionError("unreachable: pos < cycle")
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def _check_resume_config(cfg: Config, run: RunDir) -> None:
   """Refuses to resume a run whose model, tokenizer or data layout differs from its checkpoints."""
-  path = os.path.join(run_dir, "config.yaml")
-  if not os.path.exists(path):
+  if not os.path.exists(run.config_path):
     return
-  saved = checkpointing.load_config(run_dir)
+  saved = run.load_config()
   diffs = []
   for section in ("model", "tokenizer"):
     a, b = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(cfg, section))
@@ -308,22 +309,44 @@ def _check_resume_config(cfg: Config, run_dir: str) -> None:
     diffs.append(f"data.seq_len: {saved.data.seq_len} -> {cfg.data.seq_len}")
   if diffs:
     raise TrainingError(
-        f"{run_dir} holds checkpoints of a different configuration ({'; '.join(diffs)}). Resume "
-        "with the same settings, or choose a new run directory (hydra.run.dir=...).")
+        f"{run.path} holds checkpoints of a different configuration ({'; '.join(diffs)}). Resume "
+        "with the same settings, or choose a new run directory (hydra.run.dir=...). Nothing in "
+        "it was changed.")
 
 
-def setup_data(cfg: Config, run_dir: str, tokenizer=None):
-  from mdlm import data as data_lib
-  cache_dir = cfg.data.cache_dir or os.path.join(run_dir, "data_cache")
-  tok_dir = os.path.join(run_dir, "tokenizer")
-  if tokenizer is None:
-    if os.path.exists(tok_dir) and os.listdir(tok_dir):
-      tokenizer = data_lib.load_tokenizer(tok_dir)
-    else:
-      tokenizer = data_lib.build_tokenizer(cfg.tokenizer, cfg.data, cache_dir)
-      if jax.process_index() == 0:
-        tokenizer.save(tok_dir)
-  return tokenizer, cache_dir
+def _resume_policy(cfg: Config, run: RunDir) -> bool:
+  """Whether this start resumes the run's own checkpoints (refusals change nothing)."""
+  tc, has_ckpt = cfg.train, run.has_checkpoints()
+  if tc.resume == "required" and not has_ckpt:
+    raise TrainingError(
+        f"train.resume=required but {run.checkpoints_dir} holds no checkpoint; check the run "
+        "directory or use train.resume=auto to start fresh.")
+  if tc.resume == "never" and has_ckpt:
+    raise TrainingError(
+        f"train.resume=never but {run.checkpoints_dir} already holds checkpoints; choose a new "
+        "run directory (hydra.run.dir=...) or train.resume=auto. Nothing was deleted.")
+  return has_ckpt and tc.resume != "never"
+
+
+def _mesh(cfg: Config):
+  """The device mesh and rules, checked against the devices and the batch before any data work."""
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  rules = sharding.rules_dict(cfg.mesh.rules)
+  divisor = sharding.batch_divisor(mesh)
+  if cfg.train.batch_size % divisor or cfg.train.batch_size % jax.process_count():
+    raise ValueError(
+        f"train.batch_size={cfg.train.batch_size} must be divisible by the data x fsdp mesh size "
+        f"({divisor}) and the process count ({jax.process_count()}).")
+  return mesh, rules
+
+
+def recorded_tokenizer(cfg: Config, tokenizer) -> Config:
+  """cfg with the tokenizer section describing the tokenizer actually used: prepared shards
+  (data.source=arrayrecord) bring their own, whatever tokenizer.* says."""
+  if cfg.data.source != "arrayrecord":
+    return cfg
+  return dataclasses.replace(cfg, tokenizer=dataclasses.replace(
+      cfg.tokenizer, kind=tokenizer.kind, vocab_size=tokenizer.vocab_size, model_path=None))
 
 
 def resolve_model_config(cfg: Config, tokenizer):
@@ -335,222 +358,267 @@ def resolve_model_config(cfg: Config, tokenizer):
   return model_cfg.replace(vocab_size=tokenizer.vocab_size)
 
 
-def run(cfg: Config, run_dir: Optional[str] = None) -> str:
-  """Trains according to `cfg` in `run_dir` (resuming automatically); returns the run dir."""
-  from omegaconf import OmegaConf
-  from mdlm import data as data_lib
+@dataclasses.dataclass
+class Prepared:
+  """A checked start: everything the loop needs, nothing compiled yet."""
 
-  config_lib.validate(cfg)
-  run_dir = os.path.abspath(run_dir or cfg.run_dir or os.path.join("runs", "default"))
-  os.makedirs(run_dir, exist_ok=True)
-  sharding.maybe_initialize_distributed()
-  is_main = jax.process_index() == 0
-  tc, objective = cfg.train, config_lib.objective(cfg)
-  ckpt_dir = os.path.join(run_dir, "checkpoints")
-  has_ckpt = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
-  if tc.resume == "required" and not has_ckpt:
-    raise TrainingError(
-        f"train.resume=required but {ckpt_dir} holds no checkpoint; check the run directory or "
-        "use train.resume=auto to start fresh.")
-  if tc.resume == "never" and has_ckpt:
-    raise TrainingError(
-        f"train.resume=never but {ckpt_dir} already holds checkpoints; choose a new run "
-        "directory (hydra.run.dir=...) or train.resume=auto. Nothing was deleted.")
+  cfg: Config
+  run: RunDir
+  resuming: bool
+  mesh: Any
+  spec: ModelSpec
+  tx: Any
+  tokenizer: Any
+  objectives: dict        # name -> Objective
+  setup: Any
+  train_ds: Any
+  val_ds: Any
+  source: Any = None      # finetune.Source (train.init_from)
+  init_params: Any = None
 
-  resuming = has_ckpt and tc.resume != "never"
-  if resuming:
-    _check_resume_config(cfg, run_dir)
 
-  # --- data and model configuration: everything is checked before anything compiles.
+def _tokenizer(cfg: Config, run: RunDir, given, source):
+  """The run's tokenizer: the run's own (resume), the fine-tune source's, the given model's
+  (MARIA), or built from the config (read-only until the caller saves it)."""
+  if run.has_tokenizer():
+    return data_lib.load_tokenizer(run.tokenizer_dir)
+  if given is not None:
+    return given[1]
+  if source is not None:
+    return source.tokenizer
+  return data_lib.build_tokenizer(cfg.tokenizer, cfg.data, cfg.data.cache_dir or
+                                  run.data_cache_dir)
+
+
+def _token_classes(cfg: Config, tokenizer, cache_dir: str):
+  """masking.content=weighted: each token id's class (a user file, or frequency buckets of the
+  training split)."""
+  from mdlm import masking
+  if cfg.masking.content != "weighted" or not any(
+      s.name == "diffusion" for s in objectives.run_objectives(cfg)):
+    return None
+  if cfg.masking.classes_path:
+    return masking.load_classes(cfg.masking.classes_path, tokenizer.vocab_size)
+  counts = data_lib.token_counts(cfg.data, tokenizer, "train", cache_dir)
+  return masking.frequency_classes(counts, cfg.masking.num_classes)
+
+
+def _given_model(cfg: Config):
+  """(module, tokenizer) of an objective that trains over trained runs (MARIA), else None."""
+  objective = objectives.get(cfg.objective.name)
+  runs = objective.given_runs(cfg.objective)
+  if not runs:
+    return None
+  return objective.given_model(cfg.objective, {role: rundir.load_run(path)
+                                               for role, path in runs.items()})
+
+
+def prepare(cfg: Config, run: RunDir) -> Prepared:
+  """Checks and loads everything a start needs; writes only once every check has passed."""
+  tc = cfg.train
+  resuming = _resume_policy(cfg, run)
+  mesh, rules = _mesh(cfg)
   source = None  # train.init_from: the run whose weights and tokenizer this one starts from
   if tc.init_from and resuming:
-    # init_from is for the first start only: an interrupted fine-tune continues exactly.
     log.info("train.init_from=%s is ignored: %s holds this run's own checkpoints; resuming from "
-             "them.", tc.init_from, ckpt_dir)
+             "them.", tc.init_from, run.checkpoints_dir)
   elif tc.init_from:
     source = finetune.resolve(tc)
     finetune.check_tokenizer(cfg, source)
-    finetune.check_model(resolve_model_config(cfg, source.tokenizer), source)
-  maria_head = None
-  if objective == "maria":  # a trained head over two existing runs (mdlm.models.hybrid)
-    from mdlm.models import hybrid
-    maria_head, run_tokenizer = hybrid.load_maria(tc.maria_denoiser_run, tc.maria_ar_run)
-    if is_main and not os.path.isdir(os.path.join(run_dir, "tokenizer")):
-      run_tokenizer.save(os.path.join(run_dir, "tokenizer"))
-  tokenizer, cache_dir = setup_data(cfg, run_dir, source.tokenizer if source else None)
+  given = _given_model(cfg)
+  tokenizer = _tokenizer(cfg, run, given, source)
+  cfg = recorded_tokenizer(cfg, tokenizer)
+  if resuming:
+    _check_resume_config(cfg, run)
   model_cfg = resolve_model_config(cfg, tokenizer)
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  rules = sharding.rules_dict(cfg.mesh.rules)
-  divisor = sharding.batch_divisor(mesh)
-  if tc.batch_size % divisor or tc.batch_size % jax.process_count():
-    raise ValueError(
-        f"train.batch_size={tc.batch_size} must be divisible by the data x fsdp mesh size "
-        f"({divisor}) and the process count ({jax.process_count()}).")
-  local_batch = tc.batch_size // jax.process_count()
-  spec = model_spec(model_cfg, mesh, rules)
-  init_params = None
   if source is not None:
-    # Read now, straight into this run's parameter shardings, so that an unreadable checkpoint
-    # is refused before anything is written; then the tokenizer is copied (never retrained).
-    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                   nnx.to_pure_dict(spec.template))
-    init_params = finetune.load_params(source, abstract_params, spec.param_shardings)
-    if is_main:
-      finetune.copy_tokenizer(source, run_dir)
-  train_ds = data_lib.build_dataset(
-      cfg.data, tokenizer, split="train", batch_size=tc.batch_size, seed=tc.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), cache_dir=cache_dir)
-  val_ds = data_lib.build_dataset(
-      cfg.data, tokenizer, split="val", batch_size=tc.batch_size, seed=tc.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), cache_dir=cache_dir,
-      shuffle=False, num_epochs=1)
-  if is_main:
-    resolved = dataclasses.replace(cfg, model=model_cfg.replace(vocab_size=0)
-                                   if cfg.model.vocab_size == 0 else model_cfg, run_dir=run_dir)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-      f.write(OmegaConf.to_yaml(OmegaConf.structured(resolved)))
-
-  schedule = cfg.noise.build()
-  ctx = objectives.Context(
-      schedule=schedule, mask_id=model_cfg.vocab_size, bos_id=getattr(tokenizer, "bos_id", -1),
-      pad_layout=cfg.data.layout == "pad", t_min=cfg.noise.t_min, num_steps=cfg.noise.num_steps,
-      antithetic=cfg.noise.antithetic, meap_ratio=tc.meap_ratio)
+    finetune.check_model(model_cfg, source)
+  spec = model_spec(model_cfg, mesh, rules)
+  if given is not None:
+    if cfg.data.seq_len > given[0].max_seq_len:
+      raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the given model's max_seq_len="
+                       f"{given[0].max_seq_len}; use the data settings it was trained with.")
+    spec = given_spec(given[0], model_cfg, mesh, rules)
+  init_params = None
+  if source is not None:  # read now, so an unreadable checkpoint is refused before any write
+    init_params = finetune.load_params(source, spec.abstract_params(), spec.param_shardings)
+  cache_dir = cfg.data.cache_dir or run.data_cache_dir
+  data_kw = dict(batch_size=tc.batch_size, seed=tc.seed, process_index=jax.process_index(),
+                 process_count=jax.process_count(), cache_dir=cache_dir)
+  train_ds = data_lib.build_dataset(cfg.data, tokenizer, split="train", **data_kw)
+  val_ds = data_lib.build_dataset(cfg.data, tokenizer, split="val", shuffle=False, num_epochs=1,
+                                  **data_kw)
+  setup = objectives.make_setup(cfg, model_cfg.vocab_size, tokenizer,
+                                _token_classes(cfg, tokenizer, cache_dir))
+  objs = {s.name: objectives.build(s, setup) for s in objectives.run_objectives(cfg)}
   tx = make_optimizer(cfg.optim, tc.steps)
-  if maria_head is not None:
-    tx = hybrid.freeze_backbones(tx, nnx.to_pure_dict(nnx.state(maria_head)))
-    spec = maria_spec(maria_head, model_cfg, mesh, rules, cfg.data.seq_len)
+  if given is not None:
+    tx = objectives.get(cfg.objective.name).wrap_optimizer(tx, spec.initial_params)
+  _write_start(cfg, run, tokenizer, model_cfg, source)
+  return Prepared(cfg, run, resuming, mesh, spec, tx, tokenizer, objs, setup, train_ds, val_ds,
+                  source, init_params)
 
-  with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else _null():
-    state, shardings = init_state(spec, tx, tc.seed, mesh, params=init_params)
-    del init_params
-    if source is not None:
-      if is_main:
-        finetune.write_provenance(source, run_dir)
+
+def _write_start(cfg: Config, run: RunDir, tokenizer, model_cfg, source) -> None:
+  """The writes of a start that passed every check: tokenizer, config.yaml, provenance."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(run.path, exist_ok=True)
+  if source is not None:
+    finetune.copy_tokenizer(source, run.path)
+  elif not run.has_tokenizer():
+    tokenizer.save(run.tokenizer_dir)
+  resolved = dataclasses.replace(cfg, model=model_cfg.replace(vocab_size=0)
+                                 if cfg.model.vocab_size == 0 else model_cfg, run_dir=run.path)
+  run.write_config(resolved)
+  if source is not None:
+    finetune.write_provenance(source, run.path)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+  """The loop over one prepared start: restore, step, log, evaluate, checkpoint, stop."""
+
+  def __init__(self, p: Prepared):
+    self.p, self.cfg, self.tc = p, p.cfg, p.cfg.train
+    self.is_main = jax.process_index() == 0
+    objective_state = {n: o.init_state() for n, o in p.objectives.items() if o.stateful}
+    self.state, self.shardings = init_state(p.spec, p.tx, self.tc.seed, p.mesh, p.init_params,
+                                            objective_state)
+    p.init_params = None
+    if p.source is not None:
       log.info("Initialised from the %s weights of %s (step %d); fresh optimizer state, EMA, "
-               "step counter and data order.", "EMA" if source.ema else "raw", source.run_dir,
-               source.step)
-    mgr = checkpointing.manager(ckpt_dir, keep=tc.keep_checkpoints)
-    train_iter = iter(train_ds)
-    start_step = 0
-    metrics_log = MetricsLog(run_dir, enabled=is_main)
-    if has_ckpt and tc.resume != "never":
-      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              state, shardings)
-      restored = checkpointing.restore_latest(mgr, abstract)
-      if restored is None:
-        if tc.resume == "required":
-          raise TrainingError(f"No readable checkpoint in {ckpt_dir} (train.resume=required).")
-        if tc.init_from:  # the state above is a fresh init, not the source's weights
-          raise TrainingError(
-              f"No readable checkpoint in {ckpt_dir} (the unreadable ones were moved to "
-              "checkpoints_unreadable/); run again to start afresh from "
-              f"train.init_from={tc.init_from}.")
-      else:
-        start_step, state, data_state, _ = restored
-        train_iter.set_state(decode_iterator_state(data_state))
-        metrics_log.truncate_after(start_step)
-        log.info("Resumed from step %d of %s", start_step, ckpt_dir)
+               "step counter and data order.", "EMA" if p.source.ema else "raw",
+               p.source.run_dir, p.source.step)
+    self.mgr = checkpointing.manager(p.run.checkpoints_dir, keep=self.tc.keep_checkpoints)
+    self.train_iter = iter(p.train_ds)
+    self.metrics_log = MetricsLog(p.run, enabled=self.is_main)
+    self.last_loss, self.last_val, self.last_saved = None, None, None
+    self.step = self._restore() if p.resuming else 0
+    schedule = lr_schedule(self.cfg.optim, self.tc.steps)
+    self.steps = {n: make_train_step(p.spec, p.tx, o, self.cfg.optim.ema, self.cfg.optim.grad_accum,
+                                     self.shardings, p.mesh, schedule)
+                  for n, o in p.objectives.items()}
+    self.measures = list(dict.fromkeys(type(o).measures[0] for o in p.objectives.values()))
+    self.eval_steps = {m: make_eval_step(p.spec.merge, measures_lib.get(m), p.setup,
+                                         self.tc.eval_time_samples, p.mesh, p.spec.param_shardings)
+                       for m in self.measures}
+    seq_len = self.cfg.data.seq_len
+    self.tokens_per_step = self.tc.batch_size * seq_len
+    self.flops_per_token = presets.flops_per_token(p.spec.cfg, seq_len)["full"]
+    self.tokens_seen = self.step * self.tokens_per_step
+    self.pending: list = []  # (step, device metrics) not yet checked
 
-    train_step = make_train_step(spec, tx, ctx, objective, cfg.optim.ema, cfg.optim.grad_accum,
-                                 shardings, mesh, lr_schedule(cfg.optim, tc.steps))
-    eval_step = make_eval_step(spec.merge, ctx, objectives.EVAL_OBJECTIVE.get(objective, objective),
-                               tc.eval_time_samples, mesh, spec.param_shardings)
-    flops_tok = presets.flops_per_token(model_cfg, cfg.data.seq_len)["full"]
-    peak = perf.device_peak_flops("float32" if model_cfg.dtype == "float32" else "bfloat16")
+  def _restore(self) -> int:
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.state, self.shardings)
+    restored = checkpointing.restore_latest(self.mgr, abstract, self.train_iter)
+    if restored is None:
+      if self.tc.resume == "required":
+        raise TrainingError(f"No readable checkpoint in {self.p.run.checkpoints_dir} "
+                            "(train.resume=required).")
+      if self.tc.init_from:  # the state is a fresh init, not the source's weights
+        raise TrainingError(
+            f"No readable checkpoint in {self.p.run.checkpoints_dir} (the unreadable ones were "
+            "moved to checkpoints_unreadable/); run again to start afresh from "
+            f"train.init_from={self.tc.init_from}.")
+      return 0
+    step, self.state, _ = restored
+    self.last_saved = step
+    self.metrics_log.truncate_after(step)
+    log.info("Resumed from step %d of %s", step, self.p.run.checkpoints_dir)
+    return step
 
-    def evaluate(step: int) -> dict:
-      key = jax.random.fold_in(jax.random.key(tc.seed), 2 ** 30)
+  def objective_at(self, step: int) -> tuple[int, str]:
+    phase, name = phase_at(step, self.tc)
+    return phase, name or self.cfg.objective.name
+
+  # ----------------------------------------------------------------------------- events
+
+  def check_pending(self) -> Optional[dict]:
+    """Checks the loss and gradient of every pending step; raises on the first non-finite one."""
+    if not self.pending:
+      return None
+    values = jax.device_get([m for _, m in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending = []
+    for s, m in zip(steps, values):
+      if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+        kept = (f"the last checkpoint (step {self.last_saved}) in {self.p.run.checkpoints_dir} "
+                "is kept" if self.last_saved is not None else "no checkpoint was written")
+        self.step = s
+        raise TrainingError(
+            f"Non-finite training {'loss' if not np.isfinite(m['loss']) else 'gradient'} "
+            f"(loss {m['loss']}, gradient norm {m['grad_norm']}) at step {s}. Stopping; {kept}. "
+            "Lower optim.lr, check the data, or raise noise.t_min.")
+    self.last_loss = {k: float(v) for k, v in values[-1].items()}
+    return self.last_loss
+
+  def save(self, metrics: Optional[dict] = None) -> None:
+    self.check_pending()  # never checkpoint a state that followed a non-finite loss
+    phase, name = self.objective_at(max(self.step - 1, 0))
+    meta = {"step": self.step, "objective": name, "phase": phase, "tokens": self.tokens_seen}
+    checkpointing.save(self.mgr, self.step, self.state, self.train_iter, meta, metrics)
+    self.last_saved = self.step
+
+  def evaluate(self) -> dict:
+    key = jax.random.fold_in(jax.random.key(self.tc.seed), 2 ** 30)
+    local_batch = self.tc.batch_size // jax.process_count()
+    record = {"step": self.step}
+    for i, m in enumerate(self.measures):
       try:
-        ev = evaluate_batches(eval_step, state["ema"], val_ds, mesh, local_batch, key,
-                              tc.eval_batches)
+        ev = evaluate_batches(self.eval_steps[m], self.state["ema"], self.p.val_ds, self.p.mesh,
+                              local_batch, key, self.tc.eval_batches)
       except ValueError as e:
         raise TrainingError(str(e)) from e
-      return {"step": step, "val/nll": ev["nll"], "val/nll_stderr": ev["nll_stderr"],
-              "val/ppl": ev["ppl"], "val/bpt": ev["bpt"]}
+      if i == 0:
+        record.update({"val/nll": ev["nll"], "val/nll_stderr": ev["nll_stderr"],
+                       "val/ppl": ev["ppl"], "val/bpt": ev["bpt"]})
+      if len(self.measures) > 1:
+        record.update({f"val/{m}": ev["nll"], f"val/{m}_stderr": ev["nll_stderr"]})
+    return record
 
+  def log_train(self, interval_seconds: float, interval_tokens: int) -> None:
+    last = self.check_pending()
+    tps = interval_tokens / max(interval_seconds, 1e-9)
+    record = {"step": self.step, "tokens": self.tokens_seen, "wall_time": time.time() - self.t0,
+              "train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
+              "train/lr": last["lr"], "train/tokens_per_s": tps,
+              "train/model_flops_per_s": self.flops_per_token * tps}
+    if self.tc.phases:
+      record["phase"], record["objective"] = self.objective_at(self.step - 1)
+    self.metrics_log.write(record)
+    self.write_status("running")
+    if self.bar is not None:
+      self.bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}")
+
+  def write_status(self, state: str, message: str = "") -> None:
+    if not self.is_main:
+      return
+    fields = {"state": state, "step": self.step, "steps": self.tc.steps,
+              "tokens": self.tokens_seen, "wall_time": time.time() - self.t0,
+              "checkpoint": self.last_saved, "message": message}
+    if self.last_loss is not None:
+      fields["train/loss"] = self.last_loss["loss"]
+    if self.last_val is not None:
+      fields["val/nll"] = self.last_val["val/nll"]
+    self.p.run.write_status(**fields)
+
+  # ----------------------------------------------------------------------------- the run
+
+  def run(self) -> str:
     stop = _StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    write_status(run_dir, state="running", step=start_step, steps=tc.steps, message="")
-    t_start = time.time()
-    pending = []  # (step, device metrics) not yet checked / logged
-    last_val = None
-    tokens_seen = start_step * tc.batch_size * cfg.data.seq_len
-    bar = None
-    if is_main and tc.progress:
-      from tqdm.auto import tqdm
-      bar = tqdm(total=tc.steps, initial=start_step, desc="train", dynamic_ncols=True,
-                 file=sys.stderr)
-    interval_start, interval_tokens = time.time(), 0
-    step = start_step
-
-    def flush_pending() -> Optional[dict]:
-      """Checks the losses of all pending steps; raises on the first non-finite one."""
-      nonlocal pending
-      if not pending:
-        return None
-      values = jax.device_get([m for _, m in pending])
-      for (s, _), m in zip(pending, values):
-        if not np.isfinite(m["loss"]):
-          raise TrainingError(
-              f"Non-finite training loss ({m['loss']}) at step {s}. Stopping; the last good "
-              f"checkpoint in {ckpt_dir} is kept. Lower optim.lr or check the data.")
-      last = values[-1]
-      pending = []
-      return {k: float(v) for k, v in last.items()}
-
-    def save(step_now: int, metrics: Optional[dict] = None):
-      flush_pending()  # never checkpoint a state that followed a non-finite loss
-      meta = {"step": step_now, "objective": objective, "tokens": tokens_seen}
-      checkpointing.save(mgr, step_now, state, encode_iterator_state(train_iter.get_state()),
-                         meta, metrics)
-
+    self.t0 = time.time()
+    self.bar = (tqdm(total=self.tc.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                     file=sys.stderr) if self.is_main and self.tc.progress else None)
+    self.write_status("running")
     status, message = "finished", ""
     try:
-      while step < tc.steps:
-        batch = next(train_iter)
-        gbatch = sharding.global_batch(batch, mesh)
-        state, metrics = train_step(state, gbatch)
-        step += 1
-        tokens_seen += tc.batch_size * cfg.data.seq_len
-        interval_tokens += tc.batch_size * cfg.data.seq_len
-        pending.append((step, metrics))
-        if step % tc.log_every == 0 or step == tc.steps:
-          last = flush_pending()
-          now = time.time()
-          tps = interval_tokens / max(now - interval_start, 1e-9)
-          interval_start, interval_tokens = now, 0
-          record = {"step": step, "tokens": tokens_seen, "wall_time": now - t_start,
-                    "train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
-                    "train/lr": last["lr"],
-                    "train/tokens_per_s": tps, "train/mfu": flops_tok * tps / peak}
-          metrics_log.write(record)
-          if bar is not None:
-            bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}")
-        ckpt_metrics = None
-        if step % tc.eval_every == 0 or step == tc.steps:
-          flush_pending()
-          ev = evaluate(step)
-          ev.update(tokens=tokens_seen, wall_time=time.time() - t_start)
-          metrics_log.write(ev)
-          last_val = ev
-          ckpt_metrics = {checkpointing.BEST_METRIC: ev["val/nll"]}
-          if bar is not None:
-            bar.write(f"step {step}: val nll {ev['val/nll']:.4f} ± {ev['val/nll_stderr']:.4f}, "
-                      f"ppl {ev['val/ppl']:.2f}, bits/token {ev['val/bpt']:.3f}")
-        if step % tc.checkpoint_every == 0 or step == tc.steps or ckpt_metrics:
-          save(step, ckpt_metrics)
-        if bar is not None:
-          bar.update(1)
-        if stop.signal is not None:
-          save(step)
-          status = "interrupted"
-          message = f"stopped by signal {signal.Signals(stop.signal).name} at step {step}"
-          break
-        if tc.max_wall_minutes and time.time() - t_start > 60 * tc.max_wall_minutes:
-          save(step)
-          status, message = "interrupted", f"train.max_wall_minutes reached at step {step}"
-          break
-      flush_pending()
+      status, message = self._loop(stop)
+      self.check_pending()
     except TrainingError as e:
       status, message = "failed", str(e)
       raise
@@ -559,31 +627,77 @@ def run(cfg: Config, run_dir: Optional[str] = None) -> str:
       raise
     finally:
       try:
-        mgr.wait_until_finished()
-        mgr.close()
+        self.mgr.wait_until_finished()
+        self.mgr.close()
       finally:
         for s, h in old_handlers.items():
           signal.signal(s, h)
-        if bar is not None:
-          bar.close()
-        metrics_log.close()
-        write_status(run_dir, state=status, step=step, steps=tc.steps,
-                     wall_time=time.time() - t_start, message=message,
-                     **({"val/nll": last_val["val/nll"]} if last_val else {}))
+        if self.bar is not None:
+          self.bar.close()
+        self.metrics_log.close()
+        self.write_status(status, message)
     if message:
       log.warning(message)
-  return run_dir
+    return self.p.run.path
+
+  def _loop(self, stop: _StopFlag) -> tuple[str, str]:
+    tc = self.tc
+    interval_start, interval_tokens = time.time(), 0
+    while self.step < tc.steps:
+      batch = sharding.global_batch(next(self.train_iter), self.p.mesh)
+      _, name = self.objective_at(self.step)
+      self.state, metrics = self.steps[name](self.state, batch)
+      self.step += 1
+      self.tokens_seen += self.tokens_per_step
+      interval_tokens += self.tokens_per_step
+      self.pending.append((self.step, metrics))
+      if self.step % tc.log_every == 0 or self.step == tc.steps:
+        now = time.time()
+        self.log_train(now - interval_start, interval_tokens)
+        interval_start, interval_tokens = now, 0
+      ckpt_metrics = None
+      if self.step % tc.eval_every == 0 or self.step == tc.steps:
+        self.check_pending()
+        self.last_val = self.evaluate()
+        self.last_val.update(tokens=self.tokens_seen, wall_time=time.time() - self.t0)
+        self.metrics_log.write(self.last_val)
+        ckpt_metrics = {checkpointing.BEST_METRIC: self.last_val["val/nll"]}
+        if self.bar is not None:
+          v = self.last_val
+          self.bar.write(f"step {self.step}: val nll {v['val/nll']:.4f} ± "
+                         f"{v['val/nll_stderr']:.4f}, ppl {v['val/ppl']:.2f}, bits/token "
+                         f"{v['val/bpt']:.3f}")
+      if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or ckpt_metrics:
+        self.save(ckpt_metrics)
+      if self.bar is not None:
+        self.bar.update(1)
+      if stop.signal is not None:
+        self.save()
+        return "interrupted", (f"stopped by signal {signal.Signals(stop.signal).name} at step "
+                               f"{self.step}")
+      if tc.max_wall_minutes and time.time() - self.t0 > 60 * tc.max_wall_minutes:
+        self.save()
+        return "interrupted", f"train.max_wall_minutes reached at step {self.step}"
+    return "finished", ""
 
 
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
+def run(cfg: Config, run_dir: Optional[str] = None) -> str:
+  """Trains according to `cfg` in `run_dir` (resuming automatically); returns the run dir."""
+  cfg = config_lib.validate(cfg)
+  sharding.maybe_initialize_distributed()
+  run = RunDir(run_dir or cfg.run_dir or os.path.join("runs", "default"))
+  # Shardings are explicit in every jit (in/out shardings from the mesh rules): no ambient mesh.
+  return Trainer(prepare(cfg, run)).run()
 
 
 # ----------------------------------------------------------------------------- CLI
+
+
+def _next_steps(run_dir: str) -> str:
+  rel = os.path.relpath(run_dir)
+  return (f"  evaluate:    python -m mdlm.evaluate run={rel}\n"
+          f"  sample:      python -m mdlm.sample run={rel}\n"
+          f"  TensorBoard: tensorboard --logdir {os.path.join(rel, 'tb')}")
 
 
 def _hydra_main():
@@ -593,19 +707,23 @@ def _hydra_main():
 
   @hydra.main(version_base=None, config_path=_config_path(), config_name="config")
   def main(hydra_cfg) -> Optional[float]:
-    import absl.logging
-    absl.logging.set_verbosity(absl.logging.WARNING)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cli.setup_logging()
     try:
       cfg = config_lib.to_config(hydra_cfg)
     except Exception as e:
       raise SystemExit(f"mdlm.train: invalid config: {e}")
-    run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
+    run_dir = RunDir(cfg.run_dir or HydraConfig.get().runtime.output_dir).path
+    print(f"mdlm.train: run directory {run_dir}", file=sys.stderr)
     try:
       run(cfg, run_dir)
     except (TrainingError, ValueError, FileNotFoundError) as e:
       raise SystemExit(f"mdlm.train: {e}")
-    status = json.load(open(os.path.join(run_dir, "status.json")))
+    finally:
+      if os.path.isdir(run_dir) and jax.process_index() == 0:
+        RunDir(run_dir).write_overrides(list(HydraConfig.get().overrides.task))
+    status = RunDir(run_dir).read_status() or {}
+    print(f"mdlm.train: {status.get('state', 'stopped')} at step {status.get('step')}; run "
+          f"directory {run_dir}\n{_next_steps(run_dir)}", file=sys.stderr)
     return status.get("val/nll")
 
   main()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 
-from mdlm import checkpointing, train
+from mdlm import train
+from mdlm import rundir
 from mdlm import config as config_lib
 from mdlm.models import presets
 
@@ -38,7 +39,7 @@ def run_config(kind: str, steps: int = STEPS) -> config_lib.Config:
   return config_lib.validate(cfg)
 
 
-def train_or_load(kind: str, steps: int = STEPS) -> checkpointing.LoadedRun:
+def train_or_load(kind: str, steps: int = STEPS) -> rundir.LoadedRun:
   """Trains `kind` ("denoiser" or "ar") for `steps` unless a finished run of that length exists."""
   run_dir = os.path.join(RUN_ROOT, f"char-{kind}-{steps}")
   status_file = os.path.join(run_dir, "status.json")
@@ -52,10 +53,10 @@ def train_or_load(kind: str, steps: int = STEPS) -> checkpointing.LoadedRun:
   else:
     print(f"{kind}: training {steps} steps into {run_dir}")
     train.run(run_config(kind, steps), run_dir)
-  return checkpointing.load_run(run_dir)
+  return rundir.load_run(run_dir)
 
 
-def last_eval(run: checkpointing.LoadedRun) -> dict:
+def last_eval(run: rundir.LoadedRun) -> dict:
   """The last validation event of a run's metrics.jsonl."""
   events = []
   with open(os.path.join(run.run_dir, "metrics.jsonl")) as f:

@@ -36,6 +36,7 @@ def tiny_maria_run(tmp_path_factory, tiny_run, tiny_ar_run):
   from mdlm import train
   from tests.helpers import tiny_config
   run_dir = str(tmp_path_factory.mktemp("tiny_maria_run") / "run")
-  train.run(tiny_config(steps=4, eval_every=4, checkpoint_every=4, objective="maria",
-                        maria_denoiser_run=tiny_run, maria_ar_run=tiny_ar_run), run_dir)
+  from mdlm.objectives.maria import MariaConfig
+  train.run(tiny_config(steps=4, eval_every=4, checkpoint_every=4,
+                        objective=MariaConfig(denoiser_run=tiny_run, ar_run=tiny_ar_run)), run_dir)
   return run_dir

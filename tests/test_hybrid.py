@@ -179,10 +179,16 @@ def test_meap_loss_targets_are_clean_tokens(ar_model):
   tokens[:, 0] = 1
   batch = {"tokens": tokens}
   key = jax.random.key(3)
-  terms = nnx.jit(lambda m, b, k: meap.meap_loss(m, b, k, ratio=0.3, mask_id=V,
-                                                  bos_id=1))(ar_model, batch, key)
+  from mdlm import objectives
+  from mdlm.objectives.meap import MEAPConfig
+  setup = objectives.Setup(schedule=schedules.get("loglinear"), mask_id=V, bos_id=1)
+  objective = objectives.build(MEAPConfig(ratio=0.3), setup)
+  batch = {**batch, "token_mask": np.ones(tokens.shape, bool)}
+  batch.update(objective.draw(batch, key, 0, None))  # masks with fold_in(key, 1)
+  terms, _ = nnx.jit(lambda m, b: objective.loss(m, b, None))(ar_model, batch)
   nll_sum, count = terms.nll_sum_B.sum(), terms.num_tokens_B.sum()
-  inputs, masked = meap.meap_mask(key, tokens, None, ratio=0.3, mask_id=V, bos_id=1)
+  inputs, masked = meap.meap_mask(jax.random.fold_in(key, 1), tokens, None, ratio=0.3,
+                                  mask_id=V, bos_id=1)
   assert np.asarray(masked).sum() > 0
   np.testing.assert_array_equal(terms.num_masked_B, np.asarray(masked).sum(1))
   logp = np.asarray(jax.nn.log_softmax(_forward(ar_model, inputs), axis=-1))
@@ -293,18 +299,25 @@ def test_training_updates_w_only(head):
   assert len(jax.tree.leaves(nnx.state(head, hybrid.TRAINABLE))) == 1
 
 
+def _maria_objective():
+  from mdlm import objectives
+  from mdlm.objectives.maria import MariaConfig
+  return objectives.build(MariaConfig(), objectives.Setup(schedule=schedules.get("loglinear"),
+                                                         mask_id=V))
+
+
 def test_trainer_step_updates_w_only(head):
   """The trainer's own step (mdlm.train) with objective=maria, EMA on and weight decay on: after
   a few steps the backbones are bit-identical in both the parameters and their EMA."""
-  from mdlm import config as config_lib, objectives, sharding, train
+  from mdlm import config as config_lib, sharding, train
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   rules = sharding.rules_dict(config_lib.MeshConfig().rules)
-  spec = train.maria_spec(head, head.ar.cfg, mesh, rules, L)
+  spec = train.given_spec(head, head.ar.cfg, mesh, rules)
   optim = config_lib.OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1, ema=0.9)
   tx = hybrid.freeze_backbones(train.make_optimizer(optim, 10), spec.initial_params)
-  ctx = objectives.Context(schedule=schedules.get("loglinear"), mask_id=V)
+  objective = _maria_objective()
   state, shardings = train.init_state(spec, tx, 0, mesh)
-  step = train.make_train_step(spec, tx, ctx, "maria", optim.ema, 1, shardings, mesh)
+  step = train.make_train_step(spec, tx, objective, optim.ema, 1, shardings, mesh)
   batch = {"tokens": np.asarray(_tokens(14, (4, L)), np.int32),
            "token_mask": np.ones((4, L), bool)}
   for _ in range(3):
@@ -324,35 +337,35 @@ def test_trainer_step_updates_w_only(head):
 def test_maria_train_loss_and_validation_are_per_masked_token(head):
   """The trainer's MARIA loss is normalised by the masked tokens of its own draw (the unit of
   maria_loss and of validation), and validation with several draws pools sums and counts."""
-  from mdlm import config as config_lib, objectives, sharding, train
+  from mdlm import config as config_lib, measures, sharding, train
   from mdlm.evaluate import make_eval_step
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   rules = sharding.rules_dict(config_lib.MeshConfig().rules)
-  spec = train.maria_spec(head, head.ar.cfg, mesh, rules, L)
+  spec = train.given_spec(head, head.ar.cfg, mesh, rules)
   optim = config_lib.OptimConfig(lr=1e-2, warmup_steps=0, ema=0.0)
   tx = hybrid.freeze_backbones(train.make_optimizer(optim, 10), spec.initial_params)
-  ctx = objectives.Context(schedule=schedules.get("loglinear"), mask_id=V)
+  objective = _maria_objective()
   state, shardings = train.init_state(spec, tx, 0, mesh)
   token_mask = np.ones((4, L), bool)
   token_mask[2, -4:] = False
   batch = {"tokens": np.asarray(_tokens(16, (4, L)), np.int32), "token_mask": token_mask}
   # The step's own draw: key = fold_in(rng, step), masking with fold_in(key, 0).
   key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 0)
-  drawn = objectives.maria_corrupt_batch(batch, jax.random.fold_in(key, 0), ctx)
+  drawn = objective.draw(batch, key, 0, None)
   num_masked = int(np.sum((np.asarray(drawn["xt"]) == V) & token_mask))
-  loss_fn = nnx.jit(lambda h, b: objectives.get("maria")(h, b, jax.random.key(0), ctx))
+  loss_fn = nnx.jit(lambda h, b: objective.loss(h, b, jax.random.key(0))[0])
   terms = loss_fn(head, {**batch, **drawn})
   assert 0 < num_masked < token_mask.sum() and float(np.sum(terms.num_tokens_B)) == num_masked
-  step = train.make_train_step(spec, tx, ctx, "maria", 0.0, 1, shardings, mesh)
+  step = train.make_train_step(spec, tx, objective, 0.0, 1, shardings, mesh)
   _, metrics = step(state, sharding.global_batch(batch, mesh))
   assert float(metrics["tokens"]) == num_masked
   np.testing.assert_allclose(float(metrics["loss"]), float(np.sum(terms.nll_sum_B)) / num_masked,
                              rtol=1e-5)
 
-  eval_step = make_eval_step(spec.merge, ctx, "maria", 3, mesh)
+  eval_step = make_eval_step(spec.merge, measures.get("maria"), objective.setup, 3, mesh)
   eval_key = jax.random.key(5)
   nll_B, count_B = eval_step(spec.initial_params, batch, eval_key)
-  draw_fn = nnx.jit(lambda h, b, k: objectives.get("maria")(h, b, k, ctx))
+  draw_fn = nnx.jit(lambda h, b, k: measures.maria_terms(h, b, k, objective.setup))
   draws = [draw_fn(head, batch, jax.random.fold_in(eval_key, i)) for i in range(3)]
   counts = [float(np.sum(d.num_tokens_B)) for d in draws]
   assert len(set(counts)) > 1  # the denominator differs between draws
@@ -446,15 +459,16 @@ def test_train_cli_maria_from_two_runs(tmp_path):
   cfg = tiny_config(steps=2, eval_every=2)
   cfg.model = cfg.model.replace(kind="ar")
   train.run(cfg, arm)
-  cfg = tiny_config(steps=6, eval_every=6, objective="maria", maria_denoiser_run=den,
-                    maria_ar_run=arm)
+  from mdlm.objectives.maria import MariaConfig
+  from mdlm.rundir import load_run
+  cfg = tiny_config(steps=6, eval_every=6, objective=MariaConfig(denoiser_run=den, ar_run=arm))
   cfg.optim.ema = 0.9
   train.run(cfg, maria)
   evals = [m for m in read_metrics(maria) if "val/nll" in m]
   assert evals and np.isfinite(evals[-1]["val/nll"])
-  source, _ = hybrid.load_maria(den, arm)
+  source = hybrid.build_maria(load_run(den).model, load_run(arm).model)
   for use_ema in (False, True):
-    trained, tokenizer, _ = hybrid.load_maria_run(maria, ema=use_ema)
+    trained = load_run(maria, ema=use_ema).model
     a = jax.tree.leaves(nnx.state(trained, nnx.Not(hybrid.TRAINABLE)))
     b = jax.tree.leaves(nnx.state(source, nnx.Not(hybrid.TRAINABLE)))
     assert len(a) == len(b) > 0
@@ -467,7 +481,7 @@ def test_train_cli_maria_from_two_runs(tmp_path):
 def test_train_meap_objective_runs(tmp_path):
   from mdlm import train
   from tests.helpers import train_losses, tiny_config
-  cfg = tiny_config(steps=20, eval_every=20, log_every=5, objective="meap", meap_ratio=0.15)
+  cfg = tiny_config(steps=20, eval_every=20, log_every=5, objective="meap")
   cfg.model = cfg.model.replace(kind="ar")
   train.run(cfg, str(tmp_path / "meap"))
   losses = train_losses(str(tmp_path / "meap"))
@@ -476,16 +490,18 @@ def test_train_meap_objective_runs(tmp_path):
 
 def test_meap_objective_registered(ar_model):
   from mdlm import objectives
-  ctx = objectives.Context(schedule=schedules.get("loglinear"), mask_id=V, bos_id=1,
-                           meap_ratio=0.25)
+  from mdlm.objectives.meap import MEAPConfig
+  setup = objectives.Setup(schedule=schedules.get("loglinear"), mask_id=V, bos_id=1)
+  objective = objectives.build(MEAPConfig(ratio=0.25), setup)
   tokens = np.array(_tokens(15), np.int32)
   tokens[:, 0] = 1
   batch = {"tokens": tokens, "token_mask": np.ones((4, L), bool)}
-  terms = nnx.jit(lambda m, b, k: objectives.get("meap")(m, b, k, ctx))(
-      ar_model, batch, jax.random.key(0))
+  batch.update(objective.draw(batch, jax.random.key(0), 0, None))
+  terms, _ = nnx.jit(lambda m, b: objective.loss(m, b, None))(ar_model, batch)
   np.testing.assert_array_equal(terms.num_tokens_B, [L - 1] * 4)
   np.testing.assert_array_equal(terms.num_masked_B, [3] * 4)  # round(0.25 * (L - 2) = 2.5) = 3
-  assert objectives.EVAL_OBJECTIVE["meap"] == "ar" and "maria" in objectives.OBJECTIVES
+  assert objective.causal and type(objective).measures == ("ar",)
+  assert "maria" in objectives.names()
 
 
 class _CharTokenizer:
@@ -519,9 +535,9 @@ def test_maria_plugs_into_the_infill_front_end(head):
 def _sample_cfg(run, tmp_path, name="maria", **kw):
   from mdlm.sampling import config as sample_config
   sampler = sample_config.SamplerConfig(name=name, **kw.pop("sampler", {}))
+  output = tmp_path / f"{name}-{len(list(tmp_path.glob('*.jsonl')))}.jsonl"  # a new file each
   return sample_config.SampleConfig(run=run, sampler=sampler, num_samples=3, batch_size=2,
-                                    output=str(tmp_path / f"{name}.jsonl"), print_samples=False,
-                                    progress=False, **kw)
+                                    output=str(output), print_samples=False, progress=False, **kw)
 
 
 def test_sample_cli_maria_fills_templates_prompts_and_blanks(tiny_maria_run, tmp_path):
@@ -534,7 +550,8 @@ def test_sample_cli_maria_fills_templates_prompts_and_blanks(tiny_maria_run, tmp
   cfg = _sample_cfg(tiny_maria_run, tmp_path, template=template, length=32,
                     sampler={"temperature": 0.8, "top_p": 0.9, "refresh_every": 2})
   summary = sample.run(cfg)
-  tokenizer = hybrid.load_maria_run(tiny_maria_run)[1]
+  from mdlm.rundir import load_run
+  tokenizer = load_run(tiny_maria_run).tokenizer
   mask_id = tokenizer.vocab_size
   parsed = text.parse_template(template, tokenizer, mask_id, length=32)
   given = parsed.tokens != mask_id

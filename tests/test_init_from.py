@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from mdlm import checkpointing, finetune, train
+from mdlm import rundir
 from mdlm import config as config_lib
 from mdlm import data as data_lib
 from tests.helpers import (REPO, StopAfter, read_metrics, run_python, tiny_config,
@@ -19,7 +20,7 @@ from tests.helpers import (REPO, StopAfter, read_metrics, run_python, tiny_confi
 
 
 def _weights(run_dir, ema, step=None):
-  model = checkpointing.load_run(run_dir, ema=ema, step=step).model
+  model = rundir.load_run(run_dir, ema=ema, step=step).model
   return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))]
 
 
@@ -82,7 +83,7 @@ def test_starts_from_the_source_weights_ema_or_raw(tmp_path, char_source):
       "init_from": char_source, "run_dir": char_source, "step": 3, "weights": "ema",
       "objective": "diffusion", "model_kind": "denoiser",
       "tokenizer_fingerprint": data_lib.load_tokenizer(f"{char_source}/tokenizer").fingerprint}
-  assert checkpointing.load_config(a).train.init_from == char_source  # in config.yaml
+  assert rundir.load_config(a).train.init_from == char_source  # in config.yaml
 
   # Raw weights of an older checkpoint, named by its step directory.
   b = str(tmp_path / "raw")
@@ -110,7 +111,7 @@ def test_tokenizer_is_copied_not_retrained(tmp_path, char_source, monkeypatch):
   run_dir = str(tmp_path / "run")
   train.run(cfg, run_dir)
   assert _tree_digest(f"{run_dir}/tokenizer") == _tree_digest(f"{char_source}/tokenizer")
-  assert checkpointing.load_run(run_dir).tokenizer.fingerprint == src_tok.fingerprint
+  assert rundir.load_run(run_dir).tokenizer.fingerprint == src_tok.fingerprint
 
 
 def _refused(cfg, run_dir, monkeypatch, *parts, error=ValueError):
@@ -209,7 +210,7 @@ def test_context_extension_starts_from_the_source_weights(tmp_path, tiny_run, ca
   """A longer model.max_seq_len than the source's, trained at a data.seq_len the source never
   saw: allowed with a warning, the starting weights are the source's, bit for bit, and the
   training batches have the new length."""
-  src = checkpointing.load_config(tiny_run)
+  src = rundir.load_config(tiny_run)
   cfg = _finetune_config(tiny_run)
   cfg.model = cfg.model.replace(max_seq_len=2 * src.model.max_seq_len)
   cfg.data.seq_len = src.model.max_seq_len + 32
@@ -231,7 +232,7 @@ def test_context_extension_starts_from_the_source_weights(tmp_path, tiny_run, ca
   assert any(f"model.max_seq_len={2 * src.model.max_seq_len} here, {src.model.max_seq_len} in "
              "the source" in r.getMessage() for r in caplog.records)
   _assert_same(_weights(run_dir, ema=False), _weights(tiny_run, ema=True))
-  loaded = checkpointing.load_run(run_dir)
+  loaded = rundir.load_run(run_dir)
   assert loaded.config.model.max_seq_len == 2 * src.model.max_seq_len
   tokens = jax.numpy.zeros((1, cfg.data.seq_len), jax.numpy.int32)
   assert loaded.model(tokens).shape == (1, cfg.data.seq_len, loaded.model.cfg.vocab_size)
@@ -297,7 +298,7 @@ def test_meap_sft_finetune_from_an_ar_run(tmp_path, tiny_ar_run):
   assert len(losses) == 4 and np.all(np.isfinite(losses)) and np.isfinite(evals[-1])
   assert json.load(open(f"{run_dir}/status.json"))["state"] == "finished"
   assert finetune.read_provenance(run_dir)["objective"] == "ar"
-  saved = checkpointing.load_config(run_dir)
+  saved = rundir.load_config(run_dir)
   assert saved.data.meap_sft and saved.train.init_from == tiny_ar_run
 
 
@@ -306,7 +307,7 @@ def test_sharded_finetune_places_the_source_weights(tmp_path, tiny_run):
   script = textwrap.dedent("""
       import sys, jax, numpy as np
       from flax import nnx
-      from mdlm import checkpointing, train
+      from mdlm import rundir, train
       from tests.helpers import tiny_config
       src, out = sys.argv[1], sys.argv[2]
       cfg = tiny_config(steps=1, eval_every=1000, init_from=src)
@@ -314,7 +315,7 @@ def test_sharded_finetune_places_the_source_weights(tmp_path, tiny_run):
       cfg.mesh.data, cfg.mesh.fsdp = 2, 2
       train.run(cfg, out)
       leaves = lambda run: jax.tree.leaves(nnx.to_pure_dict(nnx.state(
-          checkpointing.load_run(run, ema=False).model)))
+          rundir.load_run(run, ema=False).model)))
       for x, y in zip(leaves(out), leaves(src)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
       print("devices", jax.device_count())

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from mdlm import config as config_lib
+from mdlm import rundir
 from mdlm import data, meap, objectives, schedules
 from mdlm.data import sft
 from mdlm.models import build, presets
@@ -168,10 +169,11 @@ def test_bad_input_refused_clearly(tmp_path):
   path = _write(tmp_path / "empty.jsonl", ["", "  "])
   refused(_cfg(path), "holds no records", "data.path")
 
-  def invalid(part, **kw):
+  def invalid(part, objective="auto", **kw):
     cfg = config_lib.Config(model=presets.get("tiny", kind="ar"),
                             data=_cfg("x.jsonl", **kw.pop("data", {})),
-                            train=config_lib.TrainConfig(**kw))
+                            train=config_lib.TrainConfig(**kw),
+                            objective=config_lib.ObjectiveConfig(name=objective))
     with pytest.raises(ValueError, match=part):
       config_lib.validate(cfg)
 
@@ -180,7 +182,7 @@ def test_bad_input_refused_clearly(tmp_path):
   invalid("data.prompt_field is empty", data={"prompt_field": ""})
   invalid("two different JSON keys", data={"response_field": "q"})
   invalid("meap_sft_ratio", data={"meap_sft_ratio": 0.0})
-  invalid("Set train.objective=ar", objective="meap")
+  invalid("set objective=ar", objective="meap")
 
 
 def test_ar_objective_scores_the_labels():
@@ -190,14 +192,16 @@ def test_ar_objective_scores_the_labels():
   ex = meap.sft_examples([BOS, 72, 105], list(b"abcdefghij"), mask_id=MASK, eos_id=EOS,
                          ratio=0.3, min_response_len=4)
   batch = meap.pad_examples(ex, 24, PAD)
-  ctx = objectives.Context(schedule=schedules.get("loglinear"), mask_id=MASK, pad_layout=True)
-  terms = nnx.jit(lambda m, b: objectives.get("ar")(m, b, jax.random.key(0), ctx))(model, batch)
+  setup = objectives.Setup(schedule=schedules.get("loglinear"), mask_id=MASK, pad_layout=True)
+  ar_objective = objectives.build(objectives.settings_for(config_lib.Config(), "ar"), setup)
+  terms, _ = nnx.jit(lambda m, b: ar_objective.loss(m, b, None))(model, batch)
   nll, count = nnx.jit(meap.sft_loss)(model, batch)
   np.testing.assert_allclose(np.sum(terms.nll_sum_B), nll, rtol=1e-6)
   np.testing.assert_array_equal(terms.num_tokens_B, [11, 3])  # 10 + EOS; round(0.3 * 10)
-  assert float(objectives.loss_denominator("ar", batch, ctx)) == count == 14
+  assert float(ar_objective.denominator(batch)) == count == 14
+  meap_objective = objectives.build(objectives.settings_for(config_lib.Config(), "meap"), setup)
   with pytest.raises(ValueError, match="objective=ar"):
-    objectives.get("meap")(model, batch, jax.random.key(0), ctx)
+    meap_objective.draw(batch, jax.random.key(0), 0, None)
 
 
 def test_train_meap_sft_end_to_end(tmp_path):
@@ -212,7 +216,6 @@ def test_train_meap_sft_end_to_end(tmp_path):
   evals = [m for m in read_metrics(run_dir) if "val/nll" in m]
   assert len(losses) == 6 and all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert evals and np.isfinite(evals[-1]["val/nll"])
-  from mdlm import checkpointing
-  saved = checkpointing.load_config(run_dir)
+  saved = rundir.load_config(run_dir)
   assert saved.data.meap_sft and saved.data.prompt_field == "q"
   assert json.load(open(tmp_path / "run" / "status.json"))["state"] == "finished"

@@ -27,7 +27,7 @@ given token is fed. Optionally the denoiser states are recomputed every k filled
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,21 +109,6 @@ def build_maria(denoiser: Transformer, ar_model: Transformer) -> MariaHead:
   return MariaHead(denoiser, ar_model)
 
 
-def load_maria(denoiser_run: str, ar_run: str, *, ema: bool = True) -> tuple[MariaHead, Any]:
-  """The head over two trained run directories (one tokenizer); returns (head, tokenizer)."""
-  from mdlm import checkpointing
-  for name, path in (("train.maria_denoiser_run", denoiser_run), ("train.maria_ar_run", ar_run)):
-    if not path:
-      raise ValueError(f"MARIA needs {name}: the run directory of a trained "
-                       f"{'denoiser' if 'denoiser' in name else 'AR model'} (same tokenizer).")
-  den = checkpointing.load_run(denoiser_run, ema=ema)
-  arr = checkpointing.load_run(ar_run, ema=ema)
-  if den.tokenizer.fingerprint != arr.tokenizer.fingerprint:
-    raise ValueError(f"{denoiser_run} and {ar_run} use different tokenizers; MARIA needs one "
-                     "shared tokenizer (train both runs with the same tokenizer settings).")
-  return build_maria(den.model, arr.model), den.tokenizer
-
-
 def freeze_backbones(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:
   """`tx` on W alone; the backbones get exact zero updates and no optimizer state.
 
@@ -134,53 +119,6 @@ def freeze_backbones(tx: optax.GradientTransformation, params) -> optax.Gradient
   labels = {k: jax.tree.map(lambda _, k=k: "train" if k == "w" else "frozen", v)
             for k, v in params.items()}
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-
-
-class LoadedMaria(NamedTuple):
-  head: MariaHead     # the trained head, backbones included, from the MARIA run's checkpoint
-  tokenizer: Any
-  config: Any         # the MARIA run's mdlm.config.Config
-  step: int
-  run_dir: str
-
-
-def load_maria_run(path: str, *, ema: bool = True):
-  """A trained MARIA run (objective=maria): (head, tokenizer, config). See load_maria_checkpoint."""
-  loaded = load_maria_checkpoint(path, ema=ema)
-  return loaded.head, loaded.tokenizer, loaded.config
-
-
-def load_maria_checkpoint(path: str, *, ema: bool = True, step: int | None = None) -> LoadedMaria:
-  """A trained MARIA run (objective=maria) from its run directory or one of its checkpoint step
-  directories; `step` (or the step directory) picks the checkpoint, else the latest.
-
-  The head's parameters, backbones included, come from the MARIA run's own checkpoint (the
-  backbone runs named in its config supply the architecture).
-  """
-  from mdlm import checkpointing
-  from mdlm import config as config_lib
-  run_dir, path_step = checkpointing._find_run_dir(path)
-  cfg = checkpointing.load_config(run_dir)
-  if config_lib.objective(cfg) != "maria":
-    raise ValueError(f"{run_dir} was trained with train.objective={config_lib.objective(cfg)}, "
-                     "not maria: pass the directory of a MARIA run (python -m mdlm.train "
-                     "experiment=maria ...).")
-  head, tokenizer = load_maria(cfg.train.maria_denoiser_run, cfg.train.maria_ar_run)
-  graphdef, state = nnx.split(head)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          nnx.to_pure_dict(state))
-  steps = checkpointing.checkpoint_steps(run_dir)  # FileNotFoundError when there is none
-  step = step if step is not None else path_step
-  step = step if step is not None else steps[-1]
-  if step not in steps:
-    raise FileNotFoundError(f"{run_dir}/checkpoints has no step {step} (it has {steps}).")
-  weights, step = checkpointing.restore_params(run_dir, abstract, ema=ema, step=step)
-  nnx.replace_by_pure_dict(state, weights)
-  return LoadedMaria(nnx.merge(graphdef, state), tokenizer, cfg, step, run_dir)
-
-
-def trainable_params(head: MariaHead):
-  return nnx.state(head, TRAINABLE)
 
 
 def masked_fraction(xt_BxL, mask_id: int, token_mask_BxL=None):

@@ -107,9 +107,9 @@ class Attention(nnx.Module):
         q, k, v, mask=mask, is_causal=is_causal, implementation=self.cfg.attention_impl)
     return dense(out, self.w_out[...].astype(q.dtype), in_ndim=2)
 
-  def __call__(self, x_BxLxD, positions_L, mask):
+  def __call__(self, x_BxLxD, positions_L, mask, causal: bool):
     q, k, v = self.qkv(x_BxLxD, positions_L)
-    return self.attend(q, k, v, mask, self.cfg.causal)
+    return self.attend(q, k, v, mask, causal)
 
 
 class FeedForward(nnx.Module):
@@ -161,15 +161,16 @@ class Block(nnx.Module):
     self.mlp = FeedForward(cfg, rngs=rngs)
     self.ada = AdaLN(cfg, 6, rngs=rngs) if cfg.time_conditioning else None
 
-  def __call__(self, x, positions_L, mask, cond_BxC=None, dropout_key=None):
+  def __call__(self, x, positions_L, mask, cond_BxC=None, dropout_key=None, causal=None):
     rate = self.cfg.dropout
+    causal = self.cfg.causal if causal is None else causal
     keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     if self.ada is None:
-      x = x + dropout(self.attn(self.norm_attn(x), positions_L, mask), rate, keys[0])
+      x = x + dropout(self.attn(self.norm_attn(x), positions_L, mask, causal), rate, keys[0])
       return x + dropout(self.mlp(self.norm_mlp(x)), rate, keys[1])
     shift1, scale1, gate1, shift2, scale2, gate2 = (m.astype(x.dtype) for m in self.ada(cond_BxC))
     h = self.norm_attn(x) * (1 + scale1) + shift1
-    x = x + gate1 * dropout(self.attn(h, positions_L, mask), rate, keys[0])
+    x = x + gate1 * dropout(self.attn(h, positions_L, mask, causal), rate, keys[0])
     h = self.norm_mlp(x) * (1 + scale2) + shift2
     return x + gate2 * dropout(self.mlp(h), rate, keys[1])
 
@@ -186,8 +187,9 @@ class Transformer(nnx.Module):
   """Token embedding (V + 1 rows: row V is the mask), L blocks, final norm, V-way output head.
 
   __call__(tokens, noise_level=None) -> float32 logits [B, L, V]. The denoiser attends in both
-  directions; the AR model is causal. `noise_level` (the mask probability 1 - alpha(t), a
-  schedule-free quantity) is read only when cfg.time_conditioning is set.
+  directions; the AR model is causal; `causal=True/False` overrides the kind (the same parameters
+  train under both attentions in AntLM-style phases). `noise_level` (the mask probability
+  1 - alpha(t), a schedule-free quantity) is read only when cfg.time_conditioning is set.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -240,12 +242,14 @@ class Transformer(nnx.Module):
       h = h * (1 + scale) + shift
     return h
 
-  def __call__(self, tokens_BxL, noise_level_B=None, *, token_mask_BxL=None, dropout_key=None):
+  def __call__(self, tokens_BxL, noise_level_B=None, *, token_mask_BxL=None, dropout_key=None,
+               causal=None):
     return self.logits(self.hidden_states(tokens_BxL, noise_level_B,
-                                          token_mask_BxL=token_mask_BxL, dropout_key=dropout_key))
+                                          token_mask_BxL=token_mask_BxL, dropout_key=dropout_key,
+                                          causal=causal))
 
   def hidden_states(self, tokens_BxL, noise_level_B=None, *, token_mask_BxL=None,
-                    dropout_key=None):
+                    dropout_key=None, causal=None):
     """The final-norm states [B, L, D] that the output head reads (`logits` maps them to
     [B, L, V]); a sampler that needs predictions at a few positions applies the head there only."""
     tokens_BxL = jnp.asarray(tokens_BxL)
@@ -274,5 +278,5 @@ class Transformer(nnx.Module):
     x = self.embed_tokens(tokens_BxL)
     for i, block in enumerate(self.blocks):
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      x = block(x, positions_L, mask, cond, key)
+      x = block(x, positions_L, mask, cond, key, causal)
     return self.final_hidden(x, cond)

@@ -1,0 +1,109 @@
+"""Training-step time of every objective and masking preset, relative to MDLM's, on one model.
+
+Each row is the trainer's own jitted step (mdlm.train.make_train_step: the objective's draw over
+the global batch, value_and_grad, clipping, AdamW, EMA) built from the preset's config. Rounds are
+interleaved (one timed block of steps per objective, round after round) so that a change in the
+machine's load hits every row alike; the table gives the median step time and its ratio to the
+MDLM step measured in the same rounds.
+
+  python experiments/bench_objectives.py                       # the default run's model
+  python experiments/bench_objectives.py --model tiny --rounds 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from mdlm import config as config_lib  # noqa: E402
+from mdlm import objectives, sharding, train  # noqa: E402
+
+PRESETS = ["default", "mdlm_is", "mlm15", "mlm40", "mlm80", "mlm15_bert", "mlm40_span", "upmlm",
+           "mrd_linear", "mrd_cosine", "ptw", "ar_default", "meap", "antlm:ar",
+           "antlm:diffusion"]
+
+
+def _config(preset: str, model: str, vocab: int):
+  name, _, phase = preset.partition(":")
+  with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base=None):
+    cfg = config_lib.to_config(compose("config", overrides=[f"experiment={name}"] + (
+        [f"model={model}"] if model != "default" else [])))
+  if cfg.model.kind == "ar" and model != "default":
+    cfg.model = cfg.model.replace(kind="ar")
+  settings = objectives.settings_for(cfg, phase) if phase else cfg.objective
+  return cfg, settings, cfg.model.replace(vocab_size=vocab)
+
+
+def build_step(preset: str, model: str, vocab: int):
+  cfg, settings, model_cfg = _config(preset, model, vocab)
+  mesh, rules = train._mesh(cfg)
+  spec = train.model_spec(model_cfg, mesh, rules)
+  classes = np.arange(vocab) % cfg.masking.num_classes
+  setup = objectives.make_setup(cfg, vocab, None, classes)
+  objective = objectives.build(settings, setup)
+  tx = train.make_optimizer(cfg.optim, cfg.train.steps)
+  obj_state = {objective.name: objective.init_state()} if objective.stateful else None
+  state, shardings = train.init_state(spec, tx, 0, mesh, objective_state=obj_state)
+  step = train.make_train_step(spec, tx, objective, cfg.optim.ema, cfg.optim.grad_accum,
+                               shardings, mesh, train.lr_schedule(cfg.optim, cfg.train.steps))
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(3, vocab, (cfg.train.batch_size, cfg.data.seq_len),
+                                  dtype=np.int32),
+           "token_mask": np.ones((cfg.train.batch_size, cfg.data.seq_len), bool)}
+  return step, state, sharding.global_batch(batch, mesh)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="default", help="model preset (default: the default run's)")
+  p.add_argument("--vocab", type=int, default=4096)
+  p.add_argument("--presets", default=",".join(PRESETS))
+  p.add_argument("--rounds", type=int, default=7)
+  p.add_argument("--steps", type=int, default=5, help="timed steps per round and preset")
+  p.add_argument("--json")
+  args = p.parse_args(argv)
+  config_lib.register_configs()
+  names = args.presets.split(",")
+  steps, states, batches = {}, {}, {}
+  for name in names:
+    steps[name], states[name], batches[name] = build_step(name, args.model, args.vocab)
+    for _ in range(2):  # compile and warm up
+      states[name], m = steps[name](states[name], batches[name])
+    jax.block_until_ready(m)
+  times = {n: [] for n in names}
+  for _ in range(args.rounds):
+    for name in names:
+      t0 = time.perf_counter()
+      for _ in range(args.steps):
+        states[name], m = steps[name](states[name], batches[name])
+      jax.block_until_ready(m)
+      times[name].append((time.perf_counter() - t0) / args.steps)
+  base = statistics.median(times[names[0]])
+  rows = [{"preset": n, "step_ms": 1e3 * statistics.median(times[n]),
+           "ratio": statistics.median(times[n]) / base} for n in names]
+  load = os.getloadavg()
+  print(f"model={args.model} V={args.vocab}; {args.rounds} interleaved rounds of {args.steps} "
+        f"steps; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+  print("| preset | step (ms, median) | vs default (MDLM) |\n|---|---|---|")
+  for r in rows:
+    print(f"| {r['preset']} | {r['step_ms']:.1f} | {r['ratio']:.3f} |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"model": args.model, "vocab": args.vocab, "load_average": load, "rows": rows},
+                f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

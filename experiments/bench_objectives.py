@@ -28,6 +28,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from mdlm import config as config_lib  # noqa: E402
 from mdlm import objectives, sharding, train  # noqa: E402
+from mdlm.models import presets  # noqa: E402
 
 PRESETS = ["default", "mdlm_is", "mlm15", "mlm40", "mlm80", "mlm15_bert", "mlm40_span", "upmlm",
            "mrd_linear", "mrd_cosine", "ptw", "ar_default", "meap", "antlm:ar",
@@ -35,12 +36,16 @@ PRESETS = ["default", "mdlm_is", "mlm15", "mlm40", "mlm80", "mlm15_bert", "mlm40
 
 
 def _config(preset: str, model: str, vocab: int):
+  """The preset's config; `model` names another size (its layers, width and heads replace the
+  preset's, the kind stays the preset's)."""
   name, _, phase = preset.partition(":")
+  sizes = []
+  if model != "default":
+    m = presets.get(model)
+    sizes = [f"model.num_layers={m.num_layers}", f"model.d_model={m.d_model}",
+             f"model.num_heads={m.num_heads}", f"model.max_seq_len={m.max_seq_len}"]
   with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base=None):
-    cfg = config_lib.to_config(compose("config", overrides=[f"experiment={name}"] + (
-        [f"model={model}"] if model != "default" else [])))
-  if cfg.model.kind == "ar" and model != "default":
-    cfg.model = cfg.model.replace(kind="ar")
+    cfg = config_lib.to_config(compose("config", overrides=[f"experiment={name}"] + sizes))
   settings = objectives.settings_for(cfg, phase) if phase else cfg.objective
   return cfg, settings, cfg.model.replace(vocab_size=vocab)
 

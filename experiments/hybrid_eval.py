@@ -40,6 +40,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from mdlm.rundir import RunDir  # noqa: E402
+
 RATIOS = (0.15, 0.3, 0.5, 0.7, 0.9)
 SPANS = (16, 32)
 SYSTEMS = ("denoiser", "PoE", "MARIA", "AR")
@@ -51,12 +53,12 @@ def _train(args, name, overrides, tokenizer_from=None, run=True):
   cmd = [sys.executable, "-m", "mdlm.train", *overrides, f"hydra.run.dir={run_dir}",
          "train.progress=false"]
   shown = "python " + " ".join(cmd[1:]).replace(REPO + os.sep, "")
-  status = os.path.join(run_dir, "status.json")
-  if not run or (os.path.exists(status) and json.load(open(status)).get("state") == "finished"):
+  status = RunDir(run_dir).read_status() or {}
+  if not run or status.get("state") == "finished":
     return run_dir, shown
-  if tokenizer_from and not os.path.isdir(os.path.join(run_dir, "tokenizer")):
+  if tokenizer_from and not RunDir(run_dir).has_tokenizer():
     # One tokenizer for both backbones: the AR run starts from the denoiser run's tokenizer.
-    shutil.copytree(os.path.join(tokenizer_from, "tokenizer"), os.path.join(run_dir, "tokenizer"))
+    shutil.copytree(RunDir(tokenizer_from).tokenizer_dir, RunDir(run_dir).tokenizer_dir)
   print(f"[{name}] {shown}", flush=True)
   t0 = time.time()
   subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
@@ -79,8 +81,8 @@ def train_all(args, run=True):
   ar, c2 = _train(args, "ar", ["model=ar", *common, *steps], tokenizer_from=den, run=run)
   m_steps = [f"train.steps={args.maria_steps}", f"train.eval_every={args.maria_steps}",
              f"train.checkpoint_every={args.maria_steps}"]
-  maria, c3 = _train(args, "maria", ["experiment=maria", f"train.maria_denoiser_run={den}",
-                                     f"train.maria_ar_run={ar}", f"tokenizer={args.tokenizer}",
+  maria, c3 = _train(args, "maria", ["experiment=maria", f"objective.denoiser_run={den}",
+                                     f"objective.ar_run={ar}", f"tokenizer={args.tokenizer}",
                                      f"data.seq_len={args.seq_len}",
                                      f"train.batch_size={args.batch}", *m_steps], run=run)
   return den, ar, maria, [c1, c2, c3]
@@ -109,14 +111,16 @@ def make_masks(kind, value, num, seq_len, rng):
 
 def evaluate(args, den_dir, ar_dir, maria_dir):
   import jax
-  import jax.numpy as jnp
   from flax import nnx
-  from mdlm import checkpointing, data as data_lib, evaluate as eval_lib
+  from mdlm import data as data_lib, evaluate as eval_lib
   from mdlm.models import hybrid
+  from mdlm.objectives.maria import masked_token_scores
+  from mdlm.rundir import load_config, load_run
 
-  trained, tokenizer, maria_cfg = hybrid.load_maria_run(maria_dir)
+  loaded = load_run(maria_dir)
+  trained, tokenizer = loaded.model, loaded.tokenizer
   poe = hybrid.build_maria(trained.denoiser, trained.ar)
-  den_cfg = checkpointing.load_config(den_dir)
+  den_cfg = load_config(den_dir)
   mask_id = trained.mask_id
   cache = os.path.join(args.workdir, "eval_cache")
   ds = data_lib.build_dataset(den_cfg.data, tokenizer, split="val", batch_size=args.eval_batch,
@@ -135,7 +139,7 @@ def evaluate(args, den_dir, ar_dir, maria_dir):
     out = {}
     for name, logits in (("denoiser", den_logits), ("PoE", poe.combine(h_ar_prev, h_mlm)),
                          ("MARIA", trained.combine(h_ar_prev, h_mlm)), ("AR", ar_logits)):
-      out[name] = hybrid.masked_token_scores(logits, x0, counted)
+      out[name] = masked_token_scores(logits, x0, counted)
     return out
 
   rng = np.random.default_rng(args.seed)
@@ -168,7 +172,7 @@ def evaluate(args, den_dir, ar_dir, maria_dir):
 def throughput(args, trained, x0_all, mask_id, den_cfg):
   import jax
   from mdlm import sampling
-  from mdlm.models import hybrid
+  from mdlm.sampling.maria import maria_infill
 
   schedule = den_cfg.noise.build()
   denoise = sampling.denoiser_from_model(trained.denoiser, schedule)
@@ -181,8 +185,8 @@ def throughput(args, trained, x0_all, mask_id, den_cfg):
     xt = np.where(masked, mask_id, x0).astype(np.int32)
     m = int(masked.sum(1).max())
     runs = {
-        "MARIA (KV cache)": lambda k: hybrid.maria_infill(k, trained, xt, mask_id=mask_id),
-        "MARIA, refresh every 8": lambda k: hybrid.maria_infill(k, trained, xt, mask_id=mask_id,
+        "MARIA (KV cache)": lambda k: maria_infill(k, trained, xt, mask_id=mask_id),
+        "MARIA, refresh every 8": lambda k: maria_infill(k, trained, xt, mask_id=mask_id,
                                                                 refresh_every=8),
         f"MDLM ancestral, T={m}": lambda k: sampling.ancestral(k, denoise, xt, steps=m,
                                                                schedule=schedule, mask_id=mask_id),
@@ -321,7 +325,7 @@ def main():
   else:
     table, trained, x0_all, mask_id, den_cfg = evaluate(args, den, ar, maria)
     speed = throughput(args, trained, x0_all, mask_id, den_cfg)
-  runs = {name: json.load(open(os.path.join(d, "status.json")))
+  runs = {name: RunDir(d).read_status()
           for name, d in (("denoiser", den), ("AR", ar), ("MARIA", maria))}
   write_outputs(args, table, speed, commands, runs)
 

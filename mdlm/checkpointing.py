@@ -57,9 +57,10 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_iterator, meta: dict
 
 
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state, data_iterator, *,
-                   step: Optional[int] = None):
+                   unreadable_dir: str, step: Optional[int] = None):
   """Returns (step, state, meta) from the newest readable checkpoint (the data iterator is
-  restored in place), or None when there is none.
+  restored in place), or None when there is none. An unreadable checkpoint is moved into
+  `unreadable_dir` (never deleted) and the previous one is tried.
 
   With `step`, restores exactly that step (and raises if it is unreadable).
   """
@@ -82,7 +83,7 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state, data_iterator, *,
             "new run directory.") from e
       if step is not None:
         raise CheckpointError(f"Checkpoint step {s} in {mgr.directory} is unreadable: {e}") from e
-      quarantine = _quarantine(mgr, s)
+      quarantine = _quarantine(mgr, s, unreadable_dir)
       log.warning("Checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and fell back "
                   "to the previous one.", s, mgr.directory, type(e).__name__, str(e)[:200],
                   quarantine)
@@ -95,12 +96,11 @@ def _is_mismatch(e: Exception) -> bool:
                                         "not compatible with the stored shape" in text)
 
 
-def _quarantine(mgr: ocp.CheckpointManager, step: int) -> str:
+def _quarantine(mgr: ocp.CheckpointManager, step: int, unreadable_dir: str) -> str:
   """Moves an unreadable step aside (never deletes it) so training can write that step again."""
   src = os.path.join(str(mgr.directory), str(step))
-  dst_root = os.path.join(os.path.dirname(str(mgr.directory)), "checkpoints_unreadable")
-  os.makedirs(dst_root, exist_ok=True)
-  dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
+  os.makedirs(unreadable_dir, exist_ok=True)
+  dst = os.path.join(unreadable_dir, f"{step}-{int(time.time())}")
   shutil.move(src, dst)
   mgr.reload()
   return dst

@@ -12,7 +12,91 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from mdlm.models.config import ModelConfig
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from mdlm import schedules
+
+KINDS = ("denoiser", "ar")
+MLPS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  """Architecture of a pre-norm rotary transformer.
+
+  kind: "denoiser" (bidirectional, MDLM) or "ar" (causal next-token baseline).
+  d_ff: MLP hidden width; 0 means 4 d_model for GELU and 8/3 d_model (rounded to 64) for SwiGLU.
+  vocab_size: real tokens V; 0 means "take it from the tokenizer". The embedding has V + 1 rows
+    (row V is the mask token); the output head has V columns (SUBS never predicts the mask).
+  time_conditioning: DiT-style adaLN-zero on the noise level (off by default, as in MDLM).
+  dtype: compute dtype; parameters are always float32.
+  """
+
+  name: str = "custom"
+  kind: str = "denoiser"
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  d_ff: int = 0
+  mlp: str = "gelu"
+  norm: str = "layernorm"
+  dropout: float = 0.0
+  time_conditioning: bool = False
+  cond_dim: int = 128
+  tie_embeddings: bool = False
+  max_seq_len: int = 128
+  vocab_size: int = 0
+  rope_theta: float = 10000.0
+  dtype: str = "float32"
+  attention_impl: Optional[str] = None  # None: let JAX choose; "xla" or "cudnn" to force.
+
+  @property
+  def causal(self) -> bool:
+    return self.kind == "ar"
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def ff_dim(self) -> int:
+    if self.d_ff:
+      return self.d_ff
+    if self.mlp == "swiglu":
+      return int(-(-(8 * self.d_model // 3) // 64) * 64)
+    return 4 * self.d_model
+
+  def validate(self) -> "ModelConfig":
+    def bad(msg):
+      raise ValueError(f"model config {self.name!r}: {msg}")
+    if self.kind not in KINDS:
+      bad(f"kind must be one of {KINDS}, got {self.kind!r}")
+    if self.mlp not in MLPS:
+      bad(f"mlp must be one of {MLPS}, got {self.mlp!r}")
+    if self.norm not in NORMS:
+      bad(f"norm must be one of {NORMS}, got {self.norm!r}")
+    if self.dtype not in DTYPES:
+      bad(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    for name in ("num_layers", "d_model", "num_heads", "max_seq_len", "cond_dim"):
+      if getattr(self, name) < 1:
+        bad(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.d_ff < 0 or self.vocab_size < 0:
+      bad("d_ff and vocab_size must be >= 0")
+    if self.d_model % self.num_heads:
+      bad(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+    if self.head_dim % 2:
+      bad(f"head_dim={self.head_dim} must be even for rotary embeddings")
+    if not 0.0 <= self.dropout < 1.0:
+      bad(f"dropout must lie in [0, 1), got {self.dropout}")
+    if self.attention_impl not in (None, "xla", "cudnn"):
+      bad(f"attention_impl must be null, 'xla' or 'cudnn', got {self.attention_impl!r}")
+    return self
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -76,7 +160,6 @@ class NoiseConfig:
   num_steps: Optional[int] = None  # discrete-time NELBO with T steps; null = continuous
 
   def schedule_params(self) -> dict[str, Any]:
-    from mdlm import schedules
     cls = schedules.REGISTRY.get(self.schedule)
     if cls is None:
       return {}
@@ -84,7 +167,6 @@ class NoiseConfig:
     return {k: getattr(self, k) for k in ("eps", "sigma_min", "sigma_max", "k") if k in names}
 
   def build(self):
-    from mdlm import schedules
     return schedules.get(self.schedule, **self.schedule_params())
 
 
@@ -316,7 +398,6 @@ class Config:
 def register_configs() -> None:
   """Registers the schema with Hydra: `base_config`, one schema per group, and one per objective
   (`base_<name>` in the objective group; configs/objective/<name>.yaml sets its values)."""
-  from hydra.core.config_store import ConfigStore
   cs = ConfigStore.instance()
   cs.store(name="base_config", node=Config)
   for group, node in (("model", ModelConfig), ("data", DataConfig), ("tokenizer", TokenizerConfig),
@@ -368,7 +449,6 @@ def _validate_data(d: DataConfig, model: ModelConfig) -> None:
 
 
 def _validate_tokenizer_noise(t: TokenizerConfig, n: NoiseConfig) -> None:
-  from mdlm import schedules
   _check(t.kind in ("sentencepiece", "byte", "char"),
          f"tokenizer.kind={t.kind!r}; choose sentencepiece, byte or char")
   _check(t.kind != "sentencepiece" or t.model_path or t.vocab_size >= 64,
@@ -446,6 +526,9 @@ def validate(cfg: Config) -> Config:
   _validate_optim_mesh(cfg.optim, cfg.mesh)
   _validate_train(cfg)
   cfg.masking.validate()
+  _check(cfg.masking.ratio != "importance" or cfg.noise.num_steps is None,
+         "masking.ratio=importance samples continuous time; drop noise.num_steps (the "
+         "discrete-time NELBO draws its step uniformly)")
   name = cfg.objective.name
   _check(name in objective_configs(),
          f"objective={name!r} is not a registered objective; choose one of "
@@ -489,7 +572,6 @@ def objective(cfg: Config) -> str:
 
 def to_config(omegaconf_cfg) -> Config:
   """Hydra/OmegaConf node -> validated `Config` dataclass."""
-  from omegaconf import OmegaConf
   obj = OmegaConf.to_object(omegaconf_cfg)
   if not isinstance(obj, Config):
     raise TypeError("The root config must be the structured `base_config`.")

@@ -52,15 +52,23 @@ def _check_tokens(name, x, vocab_size):
           f"{name} holds token ids outside [0, {vocab_size}): min {x_np.min()}, max {x_np.max()}.")
 
 
-def sample_times(key, batch_size: int, *, t_min: float = T_MIN, antithetic: bool = True):
+def sample_times(key, batch_size: int, *, t_min: float = T_MIN, antithetic: bool = True,
+                 num_steps: int | None = None):
   """t_B in [t_min, 1): stratified over the whole (global) batch, t_i = (u + i/B) mod 1.
+
+  With num_steps = T (the discrete-time NELBO) t_B = k/T with the step k uniform on {1, ..., T}
+  (k = floor(u T) + 1 of the same stratified u): every step of the sum is equally likely.
 
   Call this on the global batch (inside the sharded step), not per device: the strata then cover
   [t_min, 1) once per global batch, which lowers the variance of the loss estimate.
   """
   if not 0.0 <= t_min < 1.0:
     raise ValueError(f"t_min must lie in [0, 1), got {t_min}.")
-  return t_min + (1.0 - t_min) * stratified_uniform(key, batch_size, antithetic=antithetic)
+  u_B = stratified_uniform(key, batch_size, antithetic=antithetic)
+  if num_steps is not None:
+    step_B = jnp.minimum(jnp.floor(u_B * num_steps) + 1.0, num_steps)
+    return step_B / num_steps
+  return t_min + (1.0 - t_min) * u_B
 
 
 def stratified_uniform(key, batch_size: int, *, antithetic: bool = True):
@@ -72,12 +80,6 @@ def stratified_uniform(key, batch_size: int, *, antithetic: bool = True):
     u = jax.random.uniform(key, (), jnp.float32)
     return jnp.mod(u + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
   return jax.random.uniform(key, (batch_size,), jnp.float32)
-
-
-def discretize_times(t_B, num_steps: int):
-  """Snaps t in (0, 1) to the grid {1/T, ..., 1} used by the discrete-time NELBO."""
-  step_B = jnp.floor(jnp.asarray(t_B, jnp.float32) * num_steps) + 1.0
-  return jnp.minimum(step_B, num_steps) / num_steps
 
 
 def corrupt(key, x0_BxL, t_B, schedule: schedules_lib.Schedule, mask_id: int, token_mask_BxL=None):
@@ -118,14 +120,21 @@ def subs_log_probs(logits_BxLxV, xt_BxL, mask_id: int):
   return jnp.where((xt_BxL == mask_id)[..., None], logp, carry_logp)
 
 
+def cross_entropy(logits_BxLxV, targets_BxL):
+  """-log softmax(logits)[target] at every position, in float32: the one cross-entropy every
+  loss and measure of the package uses (logsumexp minus the target's logit)."""
+  logits = jnp.asarray(logits_BxLxV, jnp.float32)
+  logz_BxL = jax.nn.logsumexp(logits, axis=-1)
+  targets = jnp.asarray(targets_BxL)[..., None].astype(jnp.int32)
+  return logz_BxL - jnp.take_along_axis(logits, targets, axis=-1)[..., 0]
+
+
 def masked_cross_entropy(logits_BxLxV, x0_BxL, mask_id):
   """-log p_theta(x0_i | xt) from the model logits with the mask logit removed (float32)."""
   logits = jnp.asarray(logits_BxLxV, jnp.float32)
   if mask_id < logits.shape[-1]:
     logits = logits.at[..., mask_id].set(-jnp.inf)
-  logz_BxL = jax.nn.logsumexp(logits, axis=-1)
-  target_BxL = jnp.take_along_axis(logits, x0_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return logz_BxL - target_BxL
+  return cross_entropy(logits, x0_BxL)
 
 
 def time_weight(t_B, schedule: schedules_lib.Schedule, *, num_steps: int | None = None,
@@ -150,7 +159,7 @@ def nelbo(logits_BxLxV, x0_BxL, xt_BxL, t_B, schedule: schedules_lib.Schedule, m
   Zero where xt is not masked and at padding. sum(...) / (number of real tokens) is the NELBO per
   token. `logits` may have V or V + 1 entries on the last axis; the mask logit is ignored.
   Continuous time by default (t ~ U[t_min, 1)); `num_steps=T` gives the discrete-time NELBO, with
-  t already on the grid {1/T, ..., 1} (see `discretize_times`).
+  t already on the grid {1/T, ..., 1} (`sample_times(..., num_steps=T)`).
   """
   x0_BxL, xt_BxL = jnp.asarray(x0_BxL), jnp.asarray(xt_BxL)
   if x0_BxL.ndim != 2 or xt_BxL.shape != x0_BxL.shape:
@@ -212,9 +221,8 @@ def diffusion_loss(key, apply_fn, x0_BxL, schedule, mask_id, token_mask_BxL=None
   apply_fn(xt_BxL, t_B) -> logits. Returns (per_token_BxL, xt_BxL, t_B).
   """
   time_key, mask_key = jax.random.split(key)
-  t_B = sample_times(time_key, x0_BxL.shape[0], t_min=t_min, antithetic=antithetic)
-  if num_steps is not None:
-    t_B = discretize_times(t_B, num_steps)
+  t_B = sample_times(time_key, x0_BxL.shape[0], t_min=t_min, antithetic=antithetic,
+                     num_steps=num_steps)
   xt_BxL = corrupt(mask_key, x0_BxL, t_B, schedule, mask_id, token_mask_BxL)
   logits = apply_fn(xt_BxL, t_B)
   per_token = nelbo(logits, x0_BxL, xt_BxL, t_B, schedule, mask_id, token_mask_BxL,
@@ -227,11 +235,7 @@ def ar_nll(logits_BxLxV, x_BxL, token_mask_BxL=None):
 
   logits are the causal model's outputs on x (all L positions); the last one predicts nothing.
   """
-  logits = jnp.asarray(logits_BxLxV, jnp.float32)[:, :-1]
-  targets = jnp.asarray(x_BxL)[:, 1:]
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), -1)[..., 0]
-  nll = logz - target_logit
+  nll = cross_entropy(jnp.asarray(logits_BxLxV, jnp.float32)[:, :-1], jnp.asarray(x_BxL)[:, 1:])
   if token_mask_BxL is not None:
     nll = jnp.where(jnp.asarray(token_mask_BxL, bool)[:, 1:], nll, 0.0)
   return nll

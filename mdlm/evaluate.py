@@ -19,9 +19,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+import hydra
 import jax
 import numpy as np
 from flax import nnx
+from hydra.core.config_store import ConfigStore
+from jax.experimental import multihost_utils
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
@@ -29,7 +32,7 @@ from mdlm import checkpointing, cli, diffusion, objectives, sharding
 from mdlm import config as config_lib
 from mdlm import data as data_lib
 from mdlm import measures as measures_lib
-from mdlm.meap import IGNORE
+from mdlm.data.sft import IGNORE
 from mdlm.rundir import RunDir, load_run
 
 
@@ -94,17 +97,19 @@ def pad_rows(batch: dict, rows: int) -> dict:
 def _to_host(x) -> np.ndarray:
   """A (possibly multi-host, batch-sharded) array as one numpy array on every process."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
 
 def evaluate_batches(eval_step, params, batches, mesh, rows: int, key,
                      max_batches: Optional[int] = None, progress: bool = False,
-                     total: Optional[int] = None, desc: str = "eval") -> dict:
+                     total: Optional[int] = None, desc: str = "eval",
+                     count_chars: Optional[Callable] = None) -> dict:
   """Runs `eval_step` over an iterable of host batches; returns nll (nats per counted unit), its
-  standard error, perplexity, bits per unit, and the sequence / unit counts."""
-  nll_sums, counts = [], []
+  standard error, perplexity, bits per unit, and the sequence / unit counts. With
+  count_chars(batch) -> characters of each row's scored text, also bits per character: the
+  total nats over the total characters of exactly the text that was scored."""
+  nll_sums, counts, chars = [], [], 0
   iterator = batches
   if progress:
     iterator = tqdm(batches, total=total if total is not None else max_batches, desc=desc,
@@ -114,6 +119,8 @@ def evaluate_batches(eval_step, params, batches, mesh, rows: int, key,
       break
     s, c = eval_step(params, sharding.global_batch(pad_rows(batch, rows), mesh),
                      jax.random.fold_in(key, i))
+    if count_chars is not None:
+      chars += int(np.sum(count_chars(batch)))
     # Padding rows carry zero tokens and drop out in ratio_with_stderr.
     nll_sums.append(_to_host(s))
     counts.append(_to_host(c))
@@ -123,9 +130,12 @@ def evaluate_batches(eval_step, params, batches, mesh, rows: int, key,
   sums, cnt = np.concatenate(nll_sums), np.concatenate(counts)
   nll, se = ratio_with_stderr(sums, cnt)
   out = diffusion.summarize(nll, 1.0)
-  return {"nll": nll, "nll_stderr": se, "ppl": out["ppl"], "bpt": out["bpt"],
-          "bpt_stderr": se / math.log(2), "sequences": int((cnt > 0).sum()),
-          "tokens": float(cnt.sum()), "nats": float(sums.sum())}
+  result = {"nll": nll, "nll_stderr": se, "ppl": out["ppl"], "bpt": out["bpt"],
+            "bpt_stderr": se / math.log(2), "sequences": int((cnt > 0).sum()),
+            "tokens": float(cnt.sum()), "nats": float(sums.sum())}
+  if chars > 0:
+    result.update(chars=chars, bpc=float(sums.sum()) / math.log(2) / chars)
+  return result
 
 
 # ----------------------------------------------------------------------------- a run
@@ -224,6 +234,7 @@ def evaluate_run(ecfg: EvalConfig) -> dict:
   cache_dir = data_cfg.cache_dir or run.data_cache_dir
   stats = data_lib.split_stats(data_cfg, loaded.tokenizer, ecfg.split, cache_dir)
   total = _num_batches(data_cfg, stats, rows)
+  tokenizer = loaded.tokenizer
   if ecfg.max_batches is not None:
     total = min(total, ecfg.max_batches) if total is not None else ecfg.max_batches
   results = {}
@@ -232,11 +243,13 @@ def evaluate_run(ecfg: EvalConfig) -> dict:
                                 seed=ecfg.seed, cache_dir=cache_dir, shuffle=False, num_epochs=1)
     measure = measures_lib.get(name)
     step_fn = make_eval_step(merge, measure, setup, ecfg.time_samples, mesh)
+    count_chars = None
+    if measure.unit == "token" and not data_cfg.meap_sft:
+      count_chars = lambda b, m=measure: tokenizer.count_chars(
+          b["tokens"], m.scored_tokens(b["token_mask"]))
     res = evaluate_batches(step_fn, params, ds, mesh, rows, jax.random.key(ecfg.seed),
-                           ecfg.max_batches, progress=ecfg.progress, total=total, desc=name)
-    if stats.get("num_chars") and stats.get("num_tokens") and measure.unit == "token":
-      res["chars_per_token"] = stats["num_chars"] / stats["num_tokens"]
-      res["bpc"] = res["bpt"] / res["chars_per_token"]
+                           ecfg.max_batches, progress=ecfg.progress, total=total, desc=name,
+                           count_chars=count_chars)
     res.update(label=measure.label, unit=measure.unit,
                time_samples=ecfg.time_samples if measure.stochastic else 1)
     results[name] = res
@@ -268,9 +281,8 @@ def _report(result: dict) -> str:
 
 
 def _hydra_main():
-  import hydra
-  from hydra.core.config_store import ConfigStore
   ConfigStore.instance().store(name="base_evaluate", node=EvalConfig)
+  cli.register_help_resolver()
 
   @hydra.main(version_base=None, config_path=_config_path(), config_name="evaluate")
   def main(hydra_cfg) -> None:

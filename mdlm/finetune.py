@@ -25,7 +25,7 @@ from mdlm import checkpointing, models
 from mdlm import config as config_lib
 from mdlm import data as data_lib
 from mdlm.data import tokenizers
-from mdlm.models.config import ModelConfig
+from mdlm.config import ModelConfig
 from mdlm.rundir import RunDir
 
 log = logging.getLogger("mdlm.finetune")

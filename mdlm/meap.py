@@ -14,24 +14,18 @@ eligible when
 Shapes are static: each row ranks uniform scores over its eligible positions and masks its n_b
 lowest ranks.
 
-`sft_examples` is the fine-tuning variant: for a (prompt, response) pair it yields the ordinary
-example and, when the response is long, a copy whose response tokens are partly masked, with
-labels only at the masked positions.
+The fine-tuning variant's examples (a prompt-response pair, and a copy whose response tokens are
+partly masked, labelled only there) are built by the data pipeline (mdlm.data.sft); `sft_terms`
+scores them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import random as random_lib
-from typing import Sequence
-
 import jax.numpy as jnp
-import numpy as np
 
 from mdlm import diffusion, masking
-from mdlm.masking import mask_count  # noqa: F401  (the exact-count rule, shared with MEAP-SFT)
-
-IGNORE = -1  # label value for positions that carry no loss in SFT examples
+from mdlm.data.sft import IGNORE
+from mdlm.masking import mask_count
 
 
 def eligible_positions(tokens_BxL, token_mask_BxL=None, *, bos_id: int | None):
@@ -62,73 +56,6 @@ def meap_mask(key, tokens_BxL, token_mask_BxL=None, *, ratio: float, mask_id: in
   masked_BxL = masking.choose_uniform(key, eligible_BxL, count_Bx1)
   inputs_BxL = jnp.where(masked_BxL, jnp.asarray(mask_id, tokens_BxL.dtype), tokens_BxL)
   return inputs_BxL, masked_BxL
-
-
-@dataclasses.dataclass(frozen=True)
-class SFTExample:
-  """inputs[i] is fed at position i; labels[i] is the target of the prediction made at position
-  i - 1 (the label aligned with the token it names); IGNORE marks positions without loss."""
-
-  inputs: list[int]
-  labels: list[int]
-
-
-def sft_examples(prompt: Sequence[int], response: Sequence[int], *, mask_id: int, eos_id: int,
-                 ratio: float = 0.1, min_response_len: int = 50, max_len: int | None = None,
-                 rng: random_lib.Random | None = None) -> list[SFTExample]:
-  """The MEAP fine-tuning examples of one (prompt, response) pair, as token lists.
-
-  1. The ordinary example: prompt + response + EOS, labels on the response and EOS.
-  2. If len(response) > min_response_len: a copy of prompt + response in which
-     max(1, mask_count(n, ratio)) of the n response tokens (inside max_len) are replaced by mask_id,
-     with labels only at those positions (the clean tokens there), then EOS (no label).
-  Sequences longer than max_len are cut to max_len tokens, the last one EOS. That EOS carries no
-  label: the response did not end there, and labelling it would teach the model to stop at the
-  cut. A prompt that leaves no room for a response token is refused.
-  """
-  prompt, response = list(map(int, prompt)), list(map(int, response))
-  if not 0.0 < ratio < 1.0:
-    raise ValueError(f"ratio must lie in (0, 1), got {ratio}.")
-  if max_len is not None and max_len < len(prompt) + 2:
-    raise ValueError(f"max_len={max_len} leaves no room for the response after a "
-                     f"{len(prompt)}-token prompt; raise max_len or shorten the prompt.")
-  if mask_id in prompt + response:
-    raise ValueError(f"the mask id {mask_id} already occurs in the prompt or response.")
-  rng = rng or random_lib.Random(0)
-  limit = max_len if max_len is not None else len(prompt) + len(response) + 1
-
-  inputs = (prompt + response)[: limit - 1] + [eos_id]
-  labels = [IGNORE] * len(prompt) + inputs[len(prompt):]
-  if len(prompt) + len(response) + 1 > limit:  # cut: the EOS marks the cut, not the end
-    labels[-1] = IGNORE
-  examples = [SFTExample(inputs, labels[: len(inputs)])]
-
-  if len(response) > min_response_len:
-    copy = (prompt + response)[: limit - 1]
-    positions = list(range(len(prompt), len(copy)))
-    count = max(1, mask_count(len(positions), ratio))
-    chosen = sorted(rng.sample(positions, count))
-    masked_inputs, masked_labels = list(copy), [IGNORE] * len(copy)
-    for pos in chosen:
-      masked_inputs[pos] = mask_id
-      masked_labels[pos] = copy[pos]
-    examples.append(SFTExample(masked_inputs + [eos_id], masked_labels + [IGNORE]))
-  return examples
-
-
-def pad_examples(examples: Sequence[SFTExample], length: int, pad_id: int):
-  """Stacks examples into {"tokens", "labels", "token_mask"} numpy arrays of width `length`."""
-  n = len(examples)
-  tokens = np.full((n, length), pad_id, np.int32)
-  labels = np.full((n, length), IGNORE, np.int32)
-  mask = np.zeros((n, length), bool)
-  for row, ex in enumerate(examples):
-    if len(ex.inputs) > length:
-      raise ValueError(f"example {row} has {len(ex.inputs)} tokens > length {length}.")
-    tokens[row, : len(ex.inputs)] = ex.inputs
-    labels[row, : len(ex.labels)] = ex.labels
-    mask[row, : len(ex.inputs)] = True
-  return {"tokens": tokens, "labels": labels, "token_mask": mask}
 
 
 def sft_terms(model, batch, *, attention_mask_BxL=None,

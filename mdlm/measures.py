@@ -2,6 +2,8 @@
 
 Each measure maps (model, batch, key, setup) to per-sequence `LossTerms` (summed nats and the
 count they are per), so the evaluator pools them over batches and hosts with standard errors.
+Evaluation batches may end in padding (the last window of a split), so every measure masks the
+padding out of attention.
 
   nelbo     MDLM's NELBO per real token (mdlm.diffusion): an upper bound on the NLL of any
             bidirectional denoiser, however it was trained. Monte Carlo over (t, xt).
@@ -12,7 +14,7 @@ count they are per), so the evaluator pools them over batches and hosts with sta
   masked    the masked-LM task itself: exactly round(r x real tokens) positions masked uniformly
             at random, the mean -log p(x_i | xt) per masked token, at r = 15%, 40% and 80%
             (reported as masked15, masked40, masked80). Monte Carlo over the mask.
-  maria     the MARIA head's cross-entropy per masked token (mdlm.models.hybrid).
+  maria     the MARIA head's cross-entropy per masked token (mdlm.objectives.maria).
 Which measures apply to a model is declared by the objectives that trained it
 (Objective.measures); the evaluator refuses the others.
 """
@@ -21,15 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mdlm import diffusion, masking
 from mdlm.diffusion import LossTerms
-from mdlm.models import hybrid
 from mdlm.objectives.base import Setup
+from mdlm.objectives.maria import maria_loss
 
 MASKED_RATIOS = (0.15, 0.40, 0.80)
 
@@ -41,27 +45,77 @@ class Measure:
   stochastic: bool                # Monte Carlo: averaged over `time_samples` draws
   unit: str                       # what the pooled figure is per
   label: str                      # how it is printed (NELBO, NLL, PLL, ...)
+  skips_first_token: bool = False  # the first token of a row is not scored (next-token NLL)
+
+  def scored_tokens(self, token_mask_BxL):
+    """The positions whose text the figure covers, for bits per character (unit "token")."""
+    scored = np.asarray(token_mask_BxL, bool).copy()
+    if self.skips_first_token:
+      scored[:, 0] = False
+    return scored
 
 
 def nelbo_terms(model, batch, key, setup: Setup) -> LossTerms:
-  """One draw of MDLM's NELBO per real token (continuous time, or discrete with num_steps)."""
-  x0, token_mask = batch["tokens"], batch["token_mask"]
+  """One draw of the full NELBO per real token, a true upper bound on -log p(x):
+
+    E_q[-log p(x0 | x_t0)]  +  int_t0^1 w(t) E[CE] dt  +  KL(q(x_1 | x0) || p(x_1))
+
+  with t0 = t_min (continuous time; the sum over the grid with num_steps). The middle term is
+  the training objective (mdlm.diffusion); the first is the reconstruction from the few tokens
+  masked at t0 (`reconstruction_terms`); the last is the prior term: x_1 keeps each token with
+  probability alpha(1) > 0, so the generative model starts from p(x_1) = each token masked with
+  probability 1 - alpha(1), else uniform over the V real tokens, and the KL is alpha(1) log V
+  per token. A uniform model then scores exactly log V. Padding is masked out of attention."""
+  x0, token_mask = batch["tokens"], jnp.asarray(batch["token_mask"], bool)
 
   def apply_fn(xt, t):
     noise = setup.schedule.mask_prob(t) if model.cfg.time_conditioning else None
-    return model(xt, noise, token_mask_BxL=setup.attention_mask(batch), causal=False)
+    return model(xt, noise, token_mask_BxL=token_mask, causal=False)
 
   per_token, xt, _ = diffusion.diffusion_loss(
-      key, apply_fn, x0, setup.schedule, setup.mask_id, token_mask, num_steps=setup.num_steps,
-      t_min=setup.t_min, antithetic=setup.antithetic)
-  return diffusion.loss_terms(per_token, token_mask, (xt == setup.mask_id) & token_mask)
+      jax.random.fold_in(key, 0), apply_fn, x0, setup.schedule, setup.mask_id, token_mask,
+      num_steps=setup.num_steps, t_min=setup.t_min, antithetic=setup.antithetic)
+  real_B = jnp.sum(token_mask, axis=-1).astype(jnp.float32)
+  with jax.ensure_compile_time_eval():  # a constant of the schedule, not a traced value
+    alpha_1 = float(setup.schedule.alpha(1.0))
+  total_B = (jnp.sum(per_token, axis=-1)
+             + reconstruction_terms(model, batch, jax.random.fold_in(key, 1), setup)
+             + real_B * alpha_1 * math.log(setup.vocab_size))
+  return LossTerms(total_B, real_B, jnp.sum((xt == setup.mask_id) & token_mask, -1).astype(
+      jnp.float32))
+
+
+def reconstruction_terms(model, batch, key, setup: Setup):
+  """E_{x_t0 ~ q}[sum over the masked i of -log p(x0_i | x_t0)] per row, t0 = t_min (0 in
+  discrete time), estimated without the zero-inflation of a plain draw (at t0 almost no token is
+  masked): one real position j is chosen uniformly and masked, every other one with probability
+  p0 = 1 - alpha(t0), and the estimate is n p0 CE_j (unbiased: sum_j (1/n) n p0 E[CE_j | j
+  masked]). Zero when alpha(t0) = 1."""
+  t0 = 0.0 if setup.num_steps is not None else setup.t_min
+  with jax.ensure_compile_time_eval():
+    p0 = float(setup.schedule.mask_prob(t0))
+  x0, token_mask = batch["tokens"], jnp.asarray(batch["token_mask"], bool)
+  if p0 <= 0.0:
+    return jnp.zeros(x0.shape[:1], jnp.float32)
+  pick_key, mask_key = jax.random.split(key)
+  score_BxL = jnp.where(token_mask, jax.random.uniform(pick_key, x0.shape), -1.0)
+  j_B = jnp.argmax(score_BxL, axis=1)
+  picked_BxL = jnp.arange(x0.shape[1])[None, :] == j_B[:, None]
+  masked_BxL = token_mask & (picked_BxL | (jax.random.uniform(mask_key, x0.shape) < p0))
+  xt = jnp.where(masked_BxL, jnp.asarray(setup.mask_id, x0.dtype), x0)
+  real_B = jnp.sum(token_mask, axis=-1).astype(jnp.float32)
+  noise = jnp.full(x0.shape[:1], p0) if model.cfg.time_conditioning else None
+  logits = model(xt, noise, token_mask_BxL=token_mask, causal=False)
+  ce_B = jnp.sum(jnp.where(picked_BxL, diffusion.masked_cross_entropy(logits, x0, setup.mask_id),
+                           0.0), axis=-1)
+  return jnp.where(real_B > 0, real_B * p0 * ce_B, 0.0)
 
 
 def ar_terms(model, batch, key, setup: Setup) -> LossTerms:
   """The exact next-token NLL of every real target (causal attention)."""
   del key
   x, token_mask = batch["tokens"], batch["token_mask"]
-  logits = model(x, token_mask_BxL=setup.attention_mask(batch), causal=True)
+  logits = model(x, token_mask_BxL=token_mask, causal=True)
   nll = diffusion.ar_nll(logits, x, token_mask)
   counted = jnp.sum(token_mask[:, 1:], axis=-1).astype(jnp.float32)
   return LossTerms(nll.sum(-1), counted, counted)
@@ -75,7 +129,7 @@ def masked_terms(model, batch, key, setup: Setup, *, ratio: float) -> LossTerms:
   chosen = masking.choose_uniform(key, token_mask, count_B)
   xt = jnp.where(chosen, jnp.asarray(setup.mask_id, x0.dtype), x0)
   noise = count_B / jnp.maximum(real_B, 1) if model.cfg.time_conditioning else None
-  logits = model(xt, noise, token_mask_BxL=setup.attention_mask(batch), causal=False)
+  logits = model(xt, noise, token_mask_BxL=token_mask, causal=False)
   ce_BxL = diffusion.masked_cross_entropy(logits, x0, setup.mask_id)
   scored_B = jnp.sum(chosen, axis=-1).astype(jnp.float32)
   return LossTerms(jnp.sum(jnp.where(chosen, ce_BxL, 0.0), axis=-1), scored_B, scored_B)
@@ -91,8 +145,7 @@ def pll_terms(model, batch, key, setup: Setup, *, chunk: int = 16) -> LossTerms:
   chunk = min(chunk, length)
   num_chunks = -(-length // chunk)
   noise = 1.0 / jnp.maximum(jnp.sum(token_mask, axis=1), 1)  # one of n tokens masked
-  attention = setup.attention_mask(batch)
-  attention_rows = None if attention is None else jnp.repeat(attention, chunk, axis=0)
+  attention_rows = jnp.repeat(token_mask, chunk, axis=0)
 
   def one_chunk(c):
     pos_P = c * chunk + jnp.arange(chunk)
@@ -116,7 +169,7 @@ def pll_terms(model, batch, key, setup: Setup, *, chunk: int = 16) -> LossTerms:
 
 def maria_terms(head, batch, key, setup: Setup) -> LossTerms:
   """The MARIA head's cross-entropy per masked token, masks drawn as in its training."""
-  return hybrid.maria_loss(head, batch, key, schedule=setup.schedule, t_min=setup.t_min,
+  return maria_loss(head, batch, key, schedule=setup.schedule, t_min=setup.t_min,
                            antithetic=setup.antithetic)
 
 
@@ -128,7 +181,7 @@ def _masked_measures():
 
 MEASURES: dict[str, Measure] = {
     "nelbo": Measure("nelbo", nelbo_terms, True, "token", "NELBO"),
-    "ar": Measure("ar", ar_terms, False, "token", "NLL"),
+    "ar": Measure("ar", ar_terms, False, "token", "NLL", skips_first_token=True),
     "pll": Measure("pll", pll_terms, False, "token", "pseudo-NLL (PLL)"),
     **_masked_measures(),
     "maria": Measure("maria", maria_terms, True, "masked token", "MARIA NLL"),

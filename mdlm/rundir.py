@@ -37,6 +37,9 @@ from mdlm import objectives
 class RunDir:
   """Paths and small records of one run directory."""
 
+  CONFIG, STATUS, METRICS = "config.yaml", "status.json", "metrics.jsonl"
+  RECORD_FILES = (CONFIG, STATUS, METRICS)  # a directory holding any of these is a run
+
   def __init__(self, path: str):
     self.path = os.path.abspath(path)
 
@@ -46,9 +49,9 @@ class RunDir:
   def join(self, *names: str) -> str:
     return os.path.join(self.path, *names)
 
-  config_path = property(lambda self: self.join("config.yaml"))
-  status_path = property(lambda self: self.join("status.json"))
-  metrics_path = property(lambda self: self.join("metrics.jsonl"))
+  config_path = property(lambda self: self.join(self.CONFIG))
+  status_path = property(lambda self: self.join(self.STATUS))
+  metrics_path = property(lambda self: self.join(self.METRICS))
   tokenizer_dir = property(lambda self: self.join("tokenizer"))
   checkpoints_dir = property(lambda self: self.join("checkpoints"))
   unreadable_dir = property(lambda self: self.join("checkpoints_unreadable"))
@@ -64,7 +67,7 @@ class RunDir:
     path = os.path.abspath(path)
     if not os.path.exists(path):
       raise FileNotFoundError(f"No run directory or checkpoint at {path}.")
-    if os.path.exists(os.path.join(path, "config.yaml")):
+    if os.path.exists(os.path.join(path, cls.CONFIG)):
       return cls(path), None
     parent = os.path.dirname(path)
     run = cls(os.path.dirname(parent))

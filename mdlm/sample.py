@@ -33,15 +33,23 @@ import re
 import sys
 import time
 
+import hydra
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
+from mdlm import cli, objectives, sampling, sharding
+from mdlm.checkpointing import CheckpointError
+from mdlm.rundir import RunDir, load_run
 from mdlm.sampling import config as config_lib
+from mdlm.sampling import metrics, text
+
 
 def _starting_sequence(cfg: config_lib.SampleConfig, tokenizer, mask_id: int, length: int):
   """(xt [length] with mask_id where to fill, marker spans or None)."""
-  from mdlm.sampling import text
   if cfg.template:
     parsed = text.parse_template(cfg.template, tokenizer, mask_id, add_bos=cfg.add_bos,
                                  length=length if cfg.length is not None else None)
@@ -56,8 +64,6 @@ def _load(cfg: config_lib.SampleConfig):
 
   sampler=maria needs a run whose objective trains a head over given runs (objective=maria) and
   any other sampler a run that is not one: a mismatch is refused before any weights load."""
-  from mdlm import objectives, sampling
-  from mdlm.rundir import RunDir, load_run
   run, _ = RunDir.find(cfg.run)
   trained = run.load_config().objective
   head_run = bool(objectives.get(trained.name).given_runs(trained))
@@ -79,7 +85,6 @@ def _load(cfg: config_lib.SampleConfig):
 
 def _mesh(cfg: config_lib.SampleConfig):
   """The device mesh (None on one device), checked against batch_size before anything loads."""
-  from mdlm import sharding
   m = cfg.mesh
   mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
   sharding.rules_dict(m.rules)
@@ -138,7 +143,6 @@ def _reserve_output(cfg: config_lib.SampleConfig) -> str:
     with open(cfg.output, "x"):
       pass
     return cfg.output
-  from mdlm.rundir import RunDir
   run, _ = RunDir.find(cfg.run)
   base = os.path.join(run.samples_dir, f"{cfg.sampler.name}-seed{cfg.seed}")
   os.makedirs(os.path.dirname(base), exist_ok=True)
@@ -178,7 +182,6 @@ def run(cfg: config_lib.SampleConfig) -> dict:
 
 def _sample(cfg: config_lib.SampleConfig, mesh) -> tuple[list[dict], dict]:
   """Loads the run and samples: (one dict per sample, the summary without its output)."""
-  from mdlm import sampling
   s = cfg.sampler
   loaded, denoise = _load(cfg)
   if mesh is not None:
@@ -217,14 +220,12 @@ def _sample(cfg: config_lib.SampleConfig, mesh) -> tuple[list[dict], dict]:
 
 def _sample_batches(cfg, denoise, xt_L, spans, settings, tokenizer, mesh):
   """(one dict per sample, mean NFE per batch): num_samples rows in batches of batch_size."""
-  from mdlm import sampling, sharding
   s = cfg.sampler
   num_batches = -(-cfg.num_samples // cfg.batch_size)
   key = jax.random.key(cfg.seed)
   bar = None
   if cfg.progress and num_batches > 1:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.num_samples, desc=f"sampling ({s.name})", unit="sample", file=sys.stderr)
+      bar = tqdm(total=cfg.num_samples, desc=f"sampling ({s.name})", unit="sample", file=sys.stderr)
   samples, nfe_total = [], 0
   for b in range(num_batches):
     count = min(cfg.batch_size, cfg.num_samples - b * cfg.batch_size)
@@ -249,8 +250,6 @@ def _sample_batches(cfg, denoise, xt_L, spans, settings, tokenizer, mesh):
 
 
 def _gen_ppl(evaluator: str, samples, tokenizer) -> dict:
-  from mdlm.rundir import load_run
-  from mdlm.sampling import metrics
   ev = load_run(evaluator)
   same = getattr(ev.tokenizer, "fingerprint", None) == getattr(tokenizer, "fingerprint", 0)
   if same:  # score the sampled tokens directly (drop only padding and leftover masks)
@@ -302,7 +301,6 @@ def _is_hydra_string(value: str) -> bool:
     return True
   if len(value) < 2 or value[0] not in "\"'" or value[-1] != value[0]:
     return False
-  from hydra.core.override_parser.overrides_parser import OverridesParser
   try:
     return isinstance(OverridesParser.create().parse_override(f"x={value}").value(), str)
   except Exception:  # not one quoted string (e.g. "a" b "c"): quote it whole
@@ -321,22 +319,18 @@ def hydra_quote(text: str) -> str:
 
 
 def _hydra_main():
-  import hydra
-  from omegaconf import OmegaConf
-
   config_lib.register_configs()
+  cli.register_help_resolver()
   sys.argv[1:] = quote_text_overrides(sys.argv[1:])
 
   @hydra.main(version_base=None, config_path=_config_path(), config_name="sample")
   def main(hydra_cfg) -> None:
-    from mdlm import cli
     cli.setup_logging()
     try:
       cfg = OmegaConf.to_object(hydra_cfg)
       config_lib.validate(cfg)
     except Exception as e:
       raise SystemExit(f"mdlm.sample: invalid config: {e}")
-    from mdlm.checkpointing import CheckpointError
     try:
       summary = run(cfg)
     except (ValueError, FileNotFoundError, CheckpointError) as e:  # refused: a message, no trace

@@ -17,7 +17,6 @@ import dataclasses
 import math
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 
 

@@ -24,15 +24,17 @@ import sys
 import time
 from typing import Any, Optional
 
+import hydra
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from hydra.core.hydra_config import HydraConfig
 from tensorboard.summary import Writer
 from tqdm.auto import tqdm
 
-from mdlm import checkpointing, cli, finetune, models, objectives, rundir, sharding
+from mdlm import checkpointing, cli, finetune, masking, models, objectives, rundir, sharding
 from mdlm import config as config_lib
 from mdlm import data as data_lib
 from mdlm import measures as measures_lib
@@ -393,7 +395,6 @@ def _tokenizer(cfg: Config, run: RunDir, given, source):
 def _token_classes(cfg: Config, tokenizer, cache_dir: str):
   """masking.content=weighted: each token id's class (a user file, or frequency buckets of the
   training split)."""
-  from mdlm import masking
   if cfg.masking.content != "weighted" or not any(
       s.name == "diffusion" for s in objectives.run_objectives(cfg)):
     return None
@@ -413,8 +414,9 @@ def _given_model(cfg: Config):
                                                for role, path in runs.items()})
 
 
-def prepare(cfg: Config, run: RunDir) -> Prepared:
-  """Checks and loads everything a start needs; writes only once every check has passed."""
+def prepare(cfg: Config, run: RunDir, overrides: tuple = ()) -> Prepared:
+  """Checks and loads everything a start needs; writes only once every check has passed
+  (`overrides`: the command line of this start, appended to the run's overrides.yaml)."""
   tc = cfg.train
   resuming = _resume_policy(cfg, run)
   mesh, rules = _mesh(cfg)
@@ -454,13 +456,14 @@ def prepare(cfg: Config, run: RunDir) -> Prepared:
   tx = make_optimizer(cfg.optim, tc.steps)
   if given is not None:
     tx = objectives.get(cfg.objective.name).wrap_optimizer(tx, spec.initial_params)
-  _write_start(cfg, run, tokenizer, model_cfg, source)
+  _write_start(cfg, run, tokenizer, model_cfg, source, overrides)
   return Prepared(cfg, run, resuming, mesh, spec, tx, tokenizer, objs, setup, train_ds, val_ds,
                   source, init_params)
 
 
-def _write_start(cfg: Config, run: RunDir, tokenizer, model_cfg, source) -> None:
-  """The writes of a start that passed every check: tokenizer, config.yaml, provenance."""
+def _write_start(cfg: Config, run: RunDir, tokenizer, model_cfg, source, overrides) -> None:
+  """The writes of a start that passed every check: tokenizer, config.yaml, the command line,
+  provenance."""
   if jax.process_index() != 0:
     return
   os.makedirs(run.path, exist_ok=True)
@@ -471,6 +474,8 @@ def _write_start(cfg: Config, run: RunDir, tokenizer, model_cfg, source) -> None
   resolved = dataclasses.replace(cfg, model=model_cfg.replace(vocab_size=0)
                                  if cfg.model.vocab_size == 0 else model_cfg, run_dir=run.path)
   run.write_config(resolved)
+  if overrides:
+    run.write_overrides(list(overrides))
   if source is not None:
     finetune.write_provenance(source, run.path)
 
@@ -514,7 +519,8 @@ class Trainer:
   def _restore(self) -> int:
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             self.state, self.shardings)
-    restored = checkpointing.restore_latest(self.mgr, abstract, self.train_iter)
+    restored = checkpointing.restore_latest(self.mgr, abstract, self.train_iter,
+                                            unreadable_dir=self.p.run.unreadable_dir)
     if restored is None:
       if self.tc.resume == "required":
         raise TrainingError(f"No readable checkpoint in {self.p.run.checkpoints_dir} "
@@ -580,9 +586,12 @@ class Trainer:
         record.update({f"val/{m}": ev["nll"], f"val/{m}_stderr": ev["nll_stderr"]})
     return record
 
-  def log_train(self, interval_seconds: float, interval_tokens: int) -> None:
+  def log_train(self, interval_start: float, interval_tokens: int) -> float:
+    """Logs the last step's metrics and the throughput since interval_start; returns the time
+    the interval ended (after the pending steps finished, so the rate is the device's)."""
     last = self.check_pending()
-    tps = interval_tokens / max(interval_seconds, 1e-9)
+    now = time.time()
+    tps = interval_tokens / max(now - interval_start, 1e-9)
     record = {"step": self.step, "tokens": self.tokens_seen, "wall_time": time.time() - self.t0,
               "train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
               "train/lr": last["lr"], "train/tokens_per_s": tps,
@@ -593,6 +602,7 @@ class Trainer:
     self.write_status("running")
     if self.bar is not None:
       self.bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tps:,.0f}")
+    return now
 
   def write_status(self, state: str, message: str = "") -> None:
     if not self.is_main:
@@ -652,9 +662,7 @@ class Trainer:
       interval_tokens += self.tokens_per_step
       self.pending.append((self.step, metrics))
       if self.step % tc.log_every == 0 or self.step == tc.steps:
-        now = time.time()
-        self.log_train(now - interval_start, interval_tokens)
-        interval_start, interval_tokens = now, 0
+        interval_start, interval_tokens = self.log_train(interval_start, interval_tokens), 0
       ckpt_metrics = None
       if self.step % tc.eval_every == 0 or self.step == tc.steps:
         self.check_pending()
@@ -681,13 +689,14 @@ class Trainer:
     return "finished", ""
 
 
-def run(cfg: Config, run_dir: Optional[str] = None) -> str:
-  """Trains according to `cfg` in `run_dir` (resuming automatically); returns the run dir."""
+def run(cfg: Config, run_dir: Optional[str] = None, overrides: tuple = ()) -> str:
+  """Trains according to `cfg` in `run_dir` (resuming automatically); returns the run dir.
+  `overrides`: the command line that asked for it, recorded in the run directory."""
   cfg = config_lib.validate(cfg)
   sharding.maybe_initialize_distributed()
   run = RunDir(run_dir or cfg.run_dir or os.path.join("runs", "default"))
   # Shardings are explicit in every jit (in/out shardings from the mesh rules): no ambient mesh.
-  return Trainer(prepare(cfg, run)).run()
+  return Trainer(prepare(cfg, run, overrides)).run()
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -701,9 +710,8 @@ def _next_steps(run_dir: str) -> str:
 
 
 def _hydra_main():
-  import hydra
-  from hydra.core.hydra_config import HydraConfig
   config_lib.register_configs()
+  cli.register_help_resolver()
 
   @hydra.main(version_base=None, config_path=_config_path(), config_name="config")
   def main(hydra_cfg) -> Optional[float]:
@@ -715,12 +723,9 @@ def _hydra_main():
     run_dir = RunDir(cfg.run_dir or HydraConfig.get().runtime.output_dir).path
     print(f"mdlm.train: run directory {run_dir}", file=sys.stderr)
     try:
-      run(cfg, run_dir)
+      run(cfg, run_dir, tuple(HydraConfig.get().overrides.task))
     except (TrainingError, ValueError, FileNotFoundError) as e:
       raise SystemExit(f"mdlm.train: {e}")
-    finally:
-      if os.path.isdir(run_dir) and jax.process_index() == 0:
-        RunDir(run_dir).write_overrides(list(HydraConfig.get().overrides.task))
     status = RunDir(run_dir).read_status() or {}
     print(f"mdlm.train: {status.get('state', 'stopped')} at step {status.get('step')}; run "
           f"directory {run_dir}\n{_next_steps(run_dir)}", file=sys.stderr)

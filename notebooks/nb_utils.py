@@ -9,7 +9,6 @@ Environment variables shrink or redirect the runs (the test suite uses them):
 
 from __future__ import annotations
 
-import json
 import os
 
 from mdlm import train
@@ -42,12 +41,8 @@ def run_config(kind: str, steps: int = STEPS) -> config_lib.Config:
 def train_or_load(kind: str, steps: int = STEPS) -> rundir.LoadedRun:
   """Trains `kind` ("denoiser" or "ar") for `steps` unless a finished run of that length exists."""
   run_dir = os.path.join(RUN_ROOT, f"char-{kind}-{steps}")
-  status_file = os.path.join(run_dir, "status.json")
-  finished = False
-  if os.path.exists(status_file):
-    with open(status_file) as f:
-      status = json.load(f)
-    finished = status.get("state") == "finished" and status.get("step") == steps
+  status = rundir.RunDir(run_dir).read_status() or {}
+  finished = status.get("state") == "finished" and status.get("step") == steps
   if finished:
     print(f"{kind}: reusing the finished run {run_dir}")
   else:
@@ -58,10 +53,5 @@ def train_or_load(kind: str, steps: int = STEPS) -> rundir.LoadedRun:
 
 def last_eval(run: rundir.LoadedRun) -> dict:
   """The last validation event of a run's metrics.jsonl."""
-  events = []
-  with open(os.path.join(run.run_dir, "metrics.jsonl")) as f:
-    for line in f:
-      event = json.loads(line)
-      if "val/nll" in event:
-        events.append(event)
+  events = [e for e in rundir.RunDir(run.run_dir).read_metrics() if "val/nll" in e]
   return events[-1] if events else {}

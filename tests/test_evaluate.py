@@ -34,9 +34,10 @@ def test_evaluate_run_diffusion_and_zero_shot(tiny_run, tmp_path):
   assert res["nll_stderr"] > 0 and math.isfinite(res["nll"])
   assert res["ppl"] == pytest.approx(math.exp(res["nll"]))
   assert res["bpt"] == pytest.approx(res["nll"] / math.log(2))
-  # Byte tokens: one per character plus BOS/EOS, so bits per char sit just above bits per token.
-  assert res["bpc"] == pytest.approx(res["bpt"] / res["chars_per_token"])
-  assert 0.9 < res["chars_per_token"] < 1.0
+  # Bits per character: the total nats over the characters of exactly the scored text, here
+  # every real token of the first 3 batches of 8 rows, counted independently by decoding.
+  assert res["chars"] == _decoded_chars(tiny_run, rows=24, skip_first=False)
+  assert res["bpc"] == pytest.approx(res["nats"] / math.log(2) / res["chars"])
   assert json.load(open(res["output"]))["nll"] == res["nll"]
   # More Monte Carlo samples per sequence lower the standard error of the same estimate.
   res8 = evaluate.evaluate_run(evaluate.EvalConfig(run=tiny_run, time_samples=8, batch_size=8,
@@ -52,8 +53,28 @@ def test_evaluate_run_diffusion_and_zero_shot(tiny_run, tmp_path):
   assert zs["data_source"] == "text" and math.isfinite(zs["nll"])
 
 
+def _decoded_chars(run_dir, rows, skip_first):
+  """Characters of the decoded text of the first `rows` validation rows (their real tokens; the
+  first token of each row left out for a next-token measure, which does not score it)."""
+  from mdlm import data as data_lib, rundir
+  loaded = rundir.load_run(run_dir)
+  ds = data_lib.build_dataset(loaded.config.data, loaded.tokenizer, split="val", batch_size=8,
+                              seed=0, cache_dir=rundir.RunDir(run_dir).data_cache_dir,
+                              shuffle=False, num_epochs=1)
+  total = 0
+  for batch in ds:
+    for tokens, mask in zip(batch["tokens"], batch["token_mask"]):
+      if rows == 0:
+        return total
+      rows -= 1
+      kept = tokens[mask][1:] if skip_first else tokens[mask]
+      total += len(loaded.tokenizer.decode(kept))
+  return total
+
+
 def test_evaluate_ar_is_exact_and_deterministic(tiny_ar_run):
   a = evaluate.evaluate_run(evaluate.EvalConfig(run=tiny_ar_run, batch_size=8, max_batches=2))
+  assert a["chars"] == _decoded_chars(tiny_ar_run, rows=16, skip_first=True)
   b = evaluate.evaluate_run(evaluate.EvalConfig(run=tiny_ar_run, batch_size=8, max_batches=2,
                                                 seed=5))
   assert a["objective"] == "ar" and a["nll"] == b["nll"]  # exact: no Monte Carlo

@@ -10,8 +10,11 @@ import pytest
 from flax import nnx
 
 from mdlm import meap
+from mdlm.data import sft
 from mdlm import schedules
 from mdlm.models import ar, build, hybrid, presets
+from mdlm.objectives import maria as maria_objective
+from mdlm.sampling.maria import maria_infill
 
 V = 37
 L = 12
@@ -199,35 +202,35 @@ def test_meap_loss_targets_are_clean_tokens(ar_model):
 
 def test_meap_sft_examples():
   prompt, response = [1, 4, 5, 6], list(range(7, 7 + 60))
-  ex = meap.sft_examples(prompt, response, mask_id=V + 100, eos_id=2, ratio=0.1,
+  ex = sft.sft_examples(prompt, response, mask_id=V + 100, eos_id=2, ratio=0.1,
                          rng=random.Random(0))
   assert len(ex) == 2
   plain, masked = ex
   assert plain.inputs == prompt + response + [2]
-  assert plain.labels == [meap.IGNORE] * 4 + response + [2]
+  assert plain.labels == [sft.IGNORE] * 4 + response + [2]
   positions = [i for i, t in enumerate(masked.inputs) if t == V + 100]
   assert len(positions) == 6 and min(positions) >= len(prompt)  # round(0.1 * 60)
   for i, (tok, lab) in enumerate(zip(masked.inputs, masked.labels)):
     if i in positions:
       assert lab == (prompt + response)[i]
     else:
-      assert lab == meap.IGNORE and tok == (prompt + response + [2])[i]
-  assert len(meap.sft_examples(prompt, response[:30], mask_id=99, eos_id=2)) == 1
-  short = meap.sft_examples(prompt, response, mask_id=99, eos_id=2, max_len=20)
+      assert lab == sft.IGNORE and tok == (prompt + response + [2])[i]
+  assert len(sft.sft_examples(prompt, response[:30], mask_id=99, eos_id=2)) == 1
+  short = sft.sft_examples(prompt, response, mask_id=99, eos_id=2, max_len=20)
   assert all(len(e.inputs) == 20 and e.inputs[-1] == 2 for e in short)
 
 
 def test_meap_sft_loss_counts_only_labels(ar_model):
   prompt, response = [1, 4, 5], list(np.random.default_rng(0).integers(3, V, 8))
-  ex = meap.sft_examples(prompt, response, mask_id=V, eos_id=2, ratio=0.3, min_response_len=4)
-  batch = meap.pad_examples(ex, L, pad_id=0)
+  ex = sft.sft_examples(prompt, response, mask_id=V, eos_id=2, ratio=0.3, min_response_len=4)
+  batch = sft.pad_examples(ex, L, pad_id=0)
   nll, count = nnx.jit(meap.sft_loss)(ar_model, batch)
   assert count == (len(response) + 1) + 2  # + the masked copy's round(0.3 * 8) labels
   logits = nnx.jit(lambda m, t, k: m(t, token_mask_BxL=k))(ar_model, batch["tokens"],
                                                            batch["token_mask"])
   logp = np.asarray(jax.nn.log_softmax(logits))
   expected = -sum(logp[b, i - 1, batch["labels"][b, i]] for b in range(2) for i in range(1, L)
-                  if batch["labels"][b, i] != meap.IGNORE)
+                  if batch["labels"][b, i] != sft.IGNORE)
   np.testing.assert_allclose(nll, expected, rtol=1e-5)
 
 
@@ -284,7 +287,7 @@ def test_training_updates_w_only(head):
   @nnx.jit
   def step(head, optimizer, batch, key):
     def loss_fn(head):
-      terms = hybrid.maria_loss(head, batch, key, schedule=schedule)
+      terms = maria_objective.maria_loss(head, batch, key, schedule=schedule)
       return terms.nll_sum_B.sum() / jnp.maximum(terms.num_tokens_B.sum(), 1)
     loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, hybrid.TRAINABLE))(head)
     optimizer.update(head, grads)
@@ -314,7 +317,7 @@ def test_trainer_step_updates_w_only(head):
   rules = sharding.rules_dict(config_lib.MeshConfig().rules)
   spec = train.given_spec(head, head.ar.cfg, mesh, rules)
   optim = config_lib.OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1, ema=0.9)
-  tx = hybrid.freeze_backbones(train.make_optimizer(optim, 10), spec.initial_params)
+  tx = maria_objective.freeze_backbones(train.make_optimizer(optim, 10), spec.initial_params)
   objective = _maria_objective()
   state, shardings = train.init_state(spec, tx, 0, mesh)
   step = train.make_train_step(spec, tx, objective, optim.ema, 1, shardings, mesh)
@@ -343,7 +346,7 @@ def test_maria_train_loss_and_validation_are_per_masked_token(head):
   rules = sharding.rules_dict(config_lib.MeshConfig().rules)
   spec = train.given_spec(head, head.ar.cfg, mesh, rules)
   optim = config_lib.OptimConfig(lr=1e-2, warmup_steps=0, ema=0.0)
-  tx = hybrid.freeze_backbones(train.make_optimizer(optim, 10), spec.initial_params)
+  tx = maria_objective.freeze_backbones(train.make_optimizer(optim, 10), spec.initial_params)
   objective = _maria_objective()
   state, shardings = train.init_state(spec, tx, 0, mesh)
   token_mask = np.ones((4, L), bool)
@@ -379,7 +382,7 @@ def test_backbone_gradients_are_zero(head):
   """Even a trainer that differentiates every parameter leaves the backbones' gradients at 0."""
   @nnx.jit
   def grad_all(head, tokens):
-    return nnx.grad(lambda h: hybrid.maria_loss(
+    return nnx.grad(lambda h: maria_objective.maria_loss(
         h, {"tokens": tokens}, jax.random.key(0), schedule=schedules.get("loglinear"),
         ratio=0.5).nll_sum_B.sum())(head)
 
@@ -394,7 +397,7 @@ def test_infill_keeps_given_tokens_and_fills_every_mask(head):
   xt = _masked(x0, 11, 0.6).at[1].set(x0[1]).at[2, 0].set(V)  # row 1: nothing to fill
   for kwargs in ({"temperature": 1.0}, {"temperature": 0.8, "top_p": 0.9, "refresh_every": 2}):
     # (temperature, top_p, refresh_every are traced: one compilation serves both)
-    out, stats = hybrid.maria_infill(jax.random.key(0), head, xt, mask_id=V, **kwargs)
+    out, stats = maria_infill(jax.random.key(0), head, xt, mask_id=V, **kwargs)
     out, xt_np = np.asarray(out), np.asarray(xt)
     given = xt_np != V
     np.testing.assert_array_equal(out[given], xt_np[given])
@@ -403,7 +406,7 @@ def test_infill_keeps_given_tokens_and_fills_every_mask(head):
   # Padding is never filled and never changed.
   pad = np.ones((4, L), bool)
   pad[:, -3:] = False
-  out, stats = hybrid.maria_infill(jax.random.key(1), head, xt, mask_id=V, token_mask_BxL=pad)
+  out, stats = maria_infill(jax.random.key(1), head, xt, mask_id=V, token_mask_BxL=pad)
   np.testing.assert_array_equal(np.asarray(out)[:, -3:], np.asarray(xt)[:, -3:])
   assert stats["num_filled"] == (np.asarray(xt)[:, :-3] == V).sum()
 
@@ -430,12 +433,12 @@ def test_greedy_cached_infill_equals_uncached_reference(head, refresh_every):
   xt = np.array(_masked(x0, 13, 0.5))
   xt[0, 0] = V  # the first position masked too: no AR state there
   xt[1, :3] = x0[1, :3]
-  out, stats = hybrid.maria_infill(jax.random.key(0), head, jnp.asarray(xt), mask_id=V,
+  out, stats = maria_infill(jax.random.key(0), head, jnp.asarray(xt), mask_id=V,
                                    temperature=0.0, refresh_every=refresh_every)
   np.testing.assert_array_equal(np.asarray(out), _reference_infill(head, xt, refresh_every))
   if refresh_every == 0:
     assert stats["denoiser_passes"] == 1
-  single, stats = hybrid.maria_infill(jax.random.key(0), head, jnp.asarray(xt[:1]), mask_id=V,
+  single, stats = maria_infill(jax.random.key(0), head, jnp.asarray(xt[:1]), mask_id=V,
                                       temperature=0.0, refresh_every=2)
   n = int((xt[0] == V).sum())
   assert stats["denoiser_passes"] == 1 + (n - 1) // 2  # batch 1: a refresh every 2 fills
@@ -475,17 +478,6 @@ def test_train_cli_maria_from_two_runs(tmp_path):
     for x, y in zip(a, b):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert not np.array_equal(np.asarray(trained.w[...]), np.asarray(source.w[...]))
-
-
-@pytest.mark.slow
-def test_train_meap_objective_runs(tmp_path):
-  from mdlm import train
-  from tests.helpers import train_losses, tiny_config
-  cfg = tiny_config(steps=20, eval_every=20, log_every=5, objective="meap")
-  cfg.model = cfg.model.replace(kind="ar")
-  train.run(cfg, str(tmp_path / "meap"))
-  losses = train_losses(str(tmp_path / "meap"))
-  assert losses[20] < losses[5]
 
 
 def test_meap_objective_registered(ar_model):

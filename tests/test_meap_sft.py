@@ -59,9 +59,9 @@ def test_rows_follow_the_definition():
   assert (plain["tokens"][n:] == PAD).all() and plain["token_mask"].sum() == n
   # Labels: nothing on the prompt (BOS included), the clean token on every response position
   # and the EOS, nothing on the padding.
-  np.testing.assert_array_equal(plain["labels"][:n_p], [meap.IGNORE] * n_p)
+  np.testing.assert_array_equal(plain["labels"][:n_p], [sft.IGNORE] * n_p)
   np.testing.assert_array_equal(plain["labels"][n_p:n], r_ids + [EOS])
-  assert (plain["labels"][n:] == meap.IGNORE).all()
+  assert (plain["labels"][n:] == sft.IGNORE).all()
 
   copy = rows[1]
   masked = np.flatnonzero(copy["tokens"] == MASK)
@@ -70,7 +70,7 @@ def test_rows_follow_the_definition():
   clean = np.asarray(p_ids + r_ids + [EOS])
   np.testing.assert_array_equal(copy["labels"][masked], clean[masked])  # labels: clean tokens
   others = np.setdiff1d(np.arange(40), masked)
-  assert (copy["labels"][others] == meap.IGNORE).all()  # labels only at masked positions
+  assert (copy["labels"][others] == sft.IGNORE).all()  # labels only at masked positions
   unmasked = np.setdiff1d(np.arange(n), masked)
   np.testing.assert_array_equal(copy["tokens"][unmasked], clean[unmasked])
   assert copy["token_mask"].sum() == n
@@ -85,14 +85,14 @@ def test_pipeline_batches_prompts_never_scored_and_labels_where_defined(tmp_path
     for tokens, labels in zip(batch["tokens"], batch["labels"]):
       assert tokens[0] == BOS
       n_p = int(np.flatnonzero(tokens == ord("?"))[0]) + 1  # prompts are BOS "Q<i>?"
-      assert (labels[:n_p] == meap.IGNORE).all()  # a prompt token never carries loss
+      assert (labels[:n_p] == sft.IGNORE).all()  # a prompt token never carries loss
       if (tokens == MASK).any():  # a copy: labels exactly at the masked positions
-        np.testing.assert_array_equal(labels != meap.IGNORE, tokens == MASK)
+        np.testing.assert_array_equal(labels != sft.IGNORE, tokens == MASK)
         seen_copies += 1
       else:  # labels on every response token and the EOS
         end = int(np.flatnonzero(tokens == EOS)[0])
         np.testing.assert_array_equal(labels[n_p:end + 1], tokens[n_p:end + 1])
-        assert (labels[end + 1:] == meap.IGNORE).all()
+        assert (labels[end + 1:] == sft.IGNORE).all()
         seen_plain += 1
   assert seen_copies and seen_plain
   # Validation: plain examples only.
@@ -101,7 +101,7 @@ def test_pipeline_batches_prompts_never_scored_and_labels_where_defined(tmp_path
   for batch in val:
     assert not (batch["tokens"] == MASK).any()
     empty = ~batch["token_mask"].any(1)  # the all-padding rows that fill the last batch
-    assert (batch["labels"][empty] == meap.IGNORE).all()
+    assert (batch["labels"][empty] == sft.IGNORE).all()
 
 
 def test_masking_deterministic_and_iterator_state_restores(tmp_path):
@@ -143,7 +143,7 @@ def test_long_sequences_truncated_long_prompts_refused(tmp_path):
                      masked_copies=True)
   plain, copy = rows[0], rows[1]
   assert plain["token_mask"].all() and plain["tokens"][-1] == EOS
-  assert plain["labels"][-1] == meap.IGNORE  # a cut is not the end: no EOS label
+  assert plain["labels"][-1] == sft.IGNORE  # a cut is not the end: no EOS label
   assert (plain["labels"][3:-1] == ord("z")).all()
   masked = np.flatnonzero(copy["tokens"] == MASK)
   assert len(masked) == 3 and masked.max() < 31  # round(0.1 * 28 fitting response tokens)
@@ -189,9 +189,9 @@ def test_ar_objective_scores_the_labels():
   """With labels, the AR objective is the SFT loss (per sequence), and the trainer's
   denominator counts the labels: train loss and val/nll are nats per label."""
   model = build(presets.get("tiny", kind="ar", vocab_size=MASK, max_seq_len=24), seed=0)
-  ex = meap.sft_examples([BOS, 72, 105], list(b"abcdefghij"), mask_id=MASK, eos_id=EOS,
+  ex = sft.sft_examples([BOS, 72, 105], list(b"abcdefghij"), mask_id=MASK, eos_id=EOS,
                          ratio=0.3, min_response_len=4)
-  batch = meap.pad_examples(ex, 24, PAD)
+  batch = sft.pad_examples(ex, 24, PAD)
   setup = objectives.Setup(schedule=schedules.get("loglinear"), mask_id=MASK, pad_layout=True)
   ar_objective = objectives.build(objectives.settings_for(config_lib.Config(), "ar"), setup)
   terms, _ = nnx.jit(lambda m, b: ar_objective.loss(m, b, None))(model, batch)

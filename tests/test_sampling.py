@@ -215,7 +215,7 @@ def test_float32_gumbel_fails_the_tail_test_that_exact_sampling_passes():
 
 @pytest.mark.parametrize("v", [5, 200, 256, 300, 1000])  # one level; ragged and full blocks
 def test_max_and_argmax_matches_numpy_first_index_ties_included(v):
-  from mdlm.sampling import exact
+  from mdlm import categorical
   rng = np.random.default_rng(v)
   # Few distinct values, so most rows have ties, some spanning blocks and the ragged tail.
   x = rng.integers(0, 6, size=(64, v)).astype(np.float32)
@@ -223,10 +223,10 @@ def test_max_and_argmax_matches_numpy_first_index_ties_included(v):
   x[0, v - 1] = 0.0                  # the only finite entry is the last (ragged block)
   x[1, [3, v - 1]] = 9.0             # tie between the first block and the last entry
   x[2, :] = 1.0                      # all equal: index 0
-  top, index = jax.jit(exact.max_and_argmax)(jnp.asarray(x))
+  top, index = jax.jit(categorical.max_and_argmax)(jnp.asarray(x))
   np.testing.assert_array_equal(np.asarray(index), np.argmax(x, axis=-1))
   np.testing.assert_array_equal(np.asarray(top), np.max(x, axis=-1))
-  np.testing.assert_array_equal(np.asarray(exact.argmax(jnp.asarray(x.reshape(4, 16, v)))),
+  np.testing.assert_array_equal(np.asarray(categorical.argmax(jnp.asarray(x.reshape(4, 16, v)))),
                                 np.argmax(x, axis=-1).reshape(4, 16))
 
 

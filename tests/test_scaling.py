@@ -15,7 +15,7 @@ import pytest
 import threadpoolctl
 import yaml
 
-from mdlm.models.config import ModelConfig
+from mdlm.config import ModelConfig
 from mdlm.models.presets import count_params
 from mdlm.scaling import collect as collect_mod
 from mdlm.scaling import family as fam

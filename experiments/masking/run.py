@@ -27,6 +27,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from mdlm.rundir import RunDir  # noqa: E402
+
 # name -> (experiment preset, paper)
 RUNS = {
     "mdlm": ("default", "MDLM NELBO (Sahoo et al. 2024)"),
@@ -48,8 +50,7 @@ COLUMNS = ["nelbo", "pll", "masked15", "masked40", "masked80", "ar"]
 
 def train_run(name: str, args) -> str:
   run_dir = os.path.join(args.runs, name)
-  status_path = os.path.join(run_dir, "status.json")
-  if os.path.exists(status_path) and json.load(open(status_path)).get("state") == "finished":
+  if (RunDir(run_dir).read_status() or {}).get("state") == "finished":
     return run_dir
   cmd = [sys.executable, "-m", "mdlm.train", f"experiment={RUNS[name][0]}", "data=text",
          f"data.path={args.data}", f"data.cache_dir={os.path.join(args.runs, 'data_cache')}",
@@ -149,7 +150,7 @@ def main(argv=None):
       raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
     for name in names:
       run_dir = train_run(name, args)
-      status = json.load(open(os.path.join(run_dir, "status.json")))
+      status = RunDir(run_dir).read_status()
       results[name] = {"run_dir": os.path.relpath(run_dir, REPO), "preset": RUNS[name][0],
                        "wall_time": status.get("wall_time"), "measures": evaluate(name, run_dir,
                                                                                   args)}

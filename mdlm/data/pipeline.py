@@ -8,7 +8,7 @@ Layouts (one row = {"tokens": int32 [L], "token_mask": bool [L]}):
 - pad: one document (BOS doc EOS) per row, truncated to L, padded with PAD; token_mask is False
   on padding.
 - data.meap_sft=true (pad layout): one MEAP-SFT example per row (mdlm.data.sft), with a third
-  array "labels": int32 [L], mdlm.meap.IGNORE where no loss is taken.
+  array "labels": int32 [L], mdlm.data.sft.IGNORE where no loss is taken.
 
 Rows are split across JAX processes by index (row i goes to process i mod P), then shuffled
 with `seed` (reshuffled every epoch) and batched. A finite pass first appends all-padding rows
@@ -29,7 +29,7 @@ from mdlm.data import sft, sources
 from mdlm.data.shards import ShardStream
 from mdlm.data.streams import tokenized_split
 from mdlm.data.tokenizers import Tokenizer
-from mdlm.meap import IGNORE
+from mdlm.data.sft import IGNORE
 
 
 def _row(tokens: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

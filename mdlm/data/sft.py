@@ -6,13 +6,13 @@ is tokenized with the run's tokenizer as
 
   prompt = [BOS] + encode(prompt text),   response = encode(response text)
 
-and yields the rows of `mdlm.meap.sft_examples`:
+and yields the rows of `sft_examples` below:
   1. the plain example prompt + response + EOS, labels on the response and the EOS;
   2. when len(response) > data.meap_sft_min_response (paper: 50), a copy with
      round(data.meap_sft_ratio * n) (paper: 10%, at least 1) of its n response tokens replaced by
      the mask id and labels only at those positions.
 A row is {"tokens": int32 [L], "token_mask": bool [L], "labels": int32 [L]} with labels
-mdlm.meap.IGNORE (-1) wherever no loss is taken: the prompt, the padding, the unmasked tokens of
+IGNORE (-1) wherever no loss is taken: the prompt, the padding, the unmasked tokens of
 the copy. labels[i] is the target of the prediction made at position i - 1 (mdlm.meap.sft_terms).
 
 Which tokens a copy masks depends only on (seed, the record's index in the corpus): a row is a
@@ -33,13 +33,83 @@ from __future__ import annotations
 
 import dataclasses
 import random as random_lib
+from typing import Sequence
 
 import numpy as np
 
-from mdlm import meap
 from mdlm.config import DataConfig
+from mdlm.masking import mask_count
 from mdlm.data import sources
 from mdlm.data.tokenizers import Tokenizer
+
+IGNORE = -1  # label value for positions that carry no loss in SFT examples
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTExample:
+  """inputs[i] is fed at position i; labels[i] is the target of the prediction made at position
+  i - 1 (the label aligned with the token it names); IGNORE marks positions without loss."""
+
+  inputs: list[int]
+  labels: list[int]
+
+
+def sft_examples(prompt: Sequence[int], response: Sequence[int], *, mask_id: int, eos_id: int,
+                 ratio: float = 0.1, min_response_len: int = 50, max_len: int | None = None,
+                 rng: random_lib.Random | None = None) -> list[SFTExample]:
+  """The MEAP fine-tuning examples of one (prompt, response) pair, as token lists.
+
+  1. The ordinary example: prompt + response + EOS, labels on the response and EOS.
+  2. If len(response) > min_response_len: a copy of prompt + response in which
+     max(1, mask_count(n, ratio)) of the n response tokens (inside max_len) are replaced by mask_id,
+     with labels only at those positions (the clean tokens there), then EOS (no label).
+  Sequences longer than max_len are cut to max_len tokens, the last one EOS. That EOS carries no
+  label: the response did not end there, and labelling it would teach the model to stop at the
+  cut. A prompt that leaves no room for a response token is refused.
+  """
+  prompt, response = list(map(int, prompt)), list(map(int, response))
+  if not 0.0 < ratio < 1.0:
+    raise ValueError(f"ratio must lie in (0, 1), got {ratio}.")
+  if max_len is not None and max_len < len(prompt) + 2:
+    raise ValueError(f"max_len={max_len} leaves no room for the response after a "
+                     f"{len(prompt)}-token prompt; raise max_len or shorten the prompt.")
+  if mask_id in prompt + response:
+    raise ValueError(f"the mask id {mask_id} already occurs in the prompt or response.")
+  rng = rng or random_lib.Random(0)
+  limit = max_len if max_len is not None else len(prompt) + len(response) + 1
+
+  inputs = (prompt + response)[: limit - 1] + [eos_id]
+  labels = [IGNORE] * len(prompt) + inputs[len(prompt):]
+  if len(prompt) + len(response) + 1 > limit:  # cut: the EOS marks the cut, not the end
+    labels[-1] = IGNORE
+  examples = [SFTExample(inputs, labels[: len(inputs)])]
+
+  if len(response) > min_response_len:
+    copy = (prompt + response)[: limit - 1]
+    positions = list(range(len(prompt), len(copy)))
+    count = max(1, mask_count(len(positions), ratio))
+    chosen = sorted(rng.sample(positions, count))
+    masked_inputs, masked_labels = list(copy), [IGNORE] * len(copy)
+    for pos in chosen:
+      masked_inputs[pos] = mask_id
+      masked_labels[pos] = copy[pos]
+    examples.append(SFTExample(masked_inputs + [eos_id], masked_labels + [IGNORE]))
+  return examples
+
+
+def pad_examples(examples: Sequence[SFTExample], length: int, pad_id: int):
+  """Stacks examples into {"tokens", "labels", "token_mask"} numpy arrays of width `length`."""
+  n = len(examples)
+  tokens = np.full((n, length), pad_id, np.int32)
+  labels = np.full((n, length), IGNORE, np.int32)
+  mask = np.zeros((n, length), bool)
+  for row, ex in enumerate(examples):
+    if len(ex.inputs) > length:
+      raise ValueError(f"example {row} has {len(ex.inputs)} tokens > length {length}.")
+    tokens[row, : len(ex.inputs)] = ex.inputs
+    labels[row, : len(ex.labels)] = ex.labels
+    mask[row, : len(ex.inputs)] = True
+  return {"tokens": tokens, "labels": labels, "token_mask": mask}
 
 
 @dataclasses.dataclass
@@ -105,9 +175,9 @@ class SFTRows:
   def __len__(self):
     return len(self.record_J)
 
-  def examples(self, k: int) -> list[meap.SFTExample]:
+  def examples(self, k: int) -> list[SFTExample]:
     """Every example of record k (the plain one, then the masked copy if any)."""
-    return meap.sft_examples(
+    return sft_examples(
         self.records.prompts[k], self.records.responses[k], mask_id=self.mask_id,
         eos_id=self.eos_id, ratio=self.ratio, min_response_len=self.min_response_len,
         max_len=self.seq_len, rng=mask_rng(self.seed, self.records.index_K[k]))
@@ -117,7 +187,7 @@ class SFTRows:
     if not 0 <= j < len(self):
       raise IndexError(j)
     example = self.examples(int(self.record_J[j]))[int(self.copy_J[j])]
-    padded = meap.pad_examples([example], self.seq_len, self.pad_id)
+    padded = pad_examples([example], self.seq_len, self.pad_id)
     return {k: v[0] for k, v in padded.items()}
 
 

@@ -60,6 +60,28 @@ class Tokenizer:
     _atomic_write(os.path.join(directory, TOKENIZER_FILE),
                   json.dumps(self._state(), indent=1).encode())
 
+  def char_lengths(self) -> np.ndarray:
+    """Characters each id adds to the decoded text, int32 [V] (0 for BOS/EOS/PAD)."""
+    raise NotImplementedError
+
+  def count_chars(self, tokens_BxL, counted_BxL) -> np.ndarray:
+    """Characters of the text of each row's counted tokens, int64 [B]: what bits per character
+    divide by. A piece that opens a word with a space (sentencepiece's "\u2581") right after BOS
+    adds no space: the document's text starts there."""
+    tokens = np.asarray(tokens_BxL)
+    counted = np.asarray(counted_BxL, bool) & (tokens >= 0) & (tokens < self.vocab_size)
+    lengths = np.where(counted, self.char_lengths()[np.clip(tokens, 0, self.vocab_size - 1)], 0)
+    leading = self._leading_space()
+    if leading is not None:
+      after_bos = np.zeros_like(counted)
+      after_bos[:, 1:] = tokens[:, :-1] == self.bos_id
+      opens = leading[np.clip(tokens, 0, self.vocab_size - 1)] & after_bos & counted
+      lengths = lengths - opens
+    return lengths.sum(axis=1).astype(np.int64)
+
+  def _leading_space(self) -> Optional[np.ndarray]:
+    return None
+
   @property
   def fingerprint(self) -> str:
     return hashlib.sha256(json.dumps(self._state(), sort_keys=True).encode()).hexdigest()[:16]
@@ -93,6 +115,13 @@ class ByteTokenizer(Tokenizer):
   def _decode(self, ids):
     return bytes(ids).decode("utf-8", errors="replace")
 
+  def char_lengths(self):
+    # A UTF-8 character is one lead byte plus continuation bytes 0x80-0xBF: count the leads.
+    lengths = np.zeros(self.vocab_size, np.int32)
+    byte = np.arange(256)
+    lengths[:256] = (byte < 0x80) | (byte >= 0xC0)
+    return lengths
+
   def _state(self):
     return {"kind": self.kind}
 
@@ -125,6 +154,12 @@ class CharTokenizer(Tokenizer):
 
   def _decode(self, ids):
     return "".join("\ufffd" if i == self.unk_id else self.alphabet[i] for i in ids)
+
+  def char_lengths(self):
+    lengths = np.zeros(self.vocab_size, np.int32)
+    lengths[: len(self.alphabet)] = 1
+    lengths[self.unk_id] = 1
+    return lengths
 
   def _state(self):
     return {"kind": self.kind, "alphabet": self.alphabet}
@@ -168,6 +203,32 @@ class SentencePieceTokenizer(Tokenizer):
 
   def _decode(self, ids):
     return self.processor.decode([i for i in ids if i < self.num_pieces])
+
+  def char_lengths(self):
+    if getattr(self, "_char_lengths", None) is None:
+      sp, lengths = self.processor, np.zeros(self.vocab_size, np.int32)
+      for i in range(self.num_pieces):
+        if sp.is_control(i):
+          continue
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):  # <0xNN>: a UTF-8 byte; count the lead bytes, as for ByteTokenizer
+          byte = int(piece[3:5], 16)
+          lengths[i] = int(byte < 0x80 or byte >= 0xC0)
+        else:
+          lengths[i] = len(piece.replace("\u2581", " "))
+      self._char_lengths = lengths
+    return self._char_lengths
+
+  def _leading_space(self):
+    """With a dummy prefix (models trained elsewhere; ours have none) the decoder drops the
+    space the encoder put before a text's first word."""
+    sp = self.processor
+    if not sp.id_to_piece(sp.encode("a")[0]).startswith("\u2581"):
+      return None
+    if getattr(self, "_leading", None) is None:
+      self._leading = np.asarray([i < self.num_pieces and sp.id_to_piece(i).startswith("\u2581")
+                                  for i in range(self.vocab_size)])
+    return self._leading
 
   def save(self, directory):
     os.makedirs(directory, exist_ok=True)

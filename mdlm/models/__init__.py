@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from mdlm.models.config import ModelConfig
+from mdlm.config import ModelConfig
 from mdlm.models.presets import count_params, flops_per_token
 from mdlm.models.transformer import Transformer
 

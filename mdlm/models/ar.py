@@ -10,7 +10,7 @@ forward pass regrouped; tests/test_hybrid.py checks equality position by positio
 
 Sampling (`sample_logits`) is greedy at temperature 0, else temperature + nucleus (top-p; Holtzman
 et al. 2020, "The Curious Case of Neural Text Degeneration") with the exact float64 inverse-CDF
-draw of mdlm.sampling.exact (float32 Gumbel noise would truncate the tail).
+draw of mdlm.categorical (float32 Gumbel noise would truncate the tail).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mdlm.models.transformer import Transformer
-from mdlm.sampling import exact
+from mdlm import categorical
 
 
 class KVCache(NamedTuple):
@@ -124,7 +124,7 @@ def sample_logits(key, logits_BxV, temperature, top_p):
   reaches top_p (always >= 1 token; ties at the boundary kept).
 
   temperature and top_p may be traced scalars, so changing them does not recompile. The draw is
-  mdlm.sampling.exact's float64 inverse-CDF sampler.
+  mdlm.categorical's float64 inverse-CDF sampler.
   """
   logits = jnp.asarray(logits_BxV, jnp.float32)
   temperature = jnp.asarray(temperature, jnp.float32)
@@ -142,7 +142,7 @@ def sample_logits(key, logits_BxV, temperature, top_p):
     scaled = logits / jnp.maximum(temperature, 1e-6)
     # lax.cond: the sort over V runs only when a nucleus is asked for.
     filtered = jax.lax.cond(top_p < 1.0, nucleus, lambda z: z, scaled)
-    return exact.inverse_cdf(filtered, exact.uniform_bits(key, logits.shape[:1]))
+    return categorical.inverse_cdf(filtered, categorical.uniform_bits(key, logits.shape[:1]))
 
   greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.lax.cond(temperature > 0, draw, greedy, logits).astype(jnp.int32)

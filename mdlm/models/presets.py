@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mdlm.models.config import ModelConfig
+from mdlm.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
     # For tests on a 2-core CPU.

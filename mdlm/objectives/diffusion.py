@@ -116,10 +116,8 @@ class Diffusion(Objective):
     """t and the per-row weight of the elbo weighting (and the proposal's bin and density)."""
     m, s = self.masking, self.setup
     if m.ratio == "schedule":
-      t_B = diffusion.sample_times(key, batch_size, t_min=s.t_min, antithetic=s.antithetic)
-      if s.num_steps is not None:
-        t_B = diffusion.discretize_times(t_B, s.num_steps)
-      return {"t": t_B}
+      return {"t": diffusion.sample_times(key, batch_size, t_min=s.t_min,
+                                          antithetic=s.antithetic, num_steps=s.num_steps)}
     if m.ratio != "importance":
       return {}
     if m.proposal == "beta":

@@ -18,7 +18,7 @@ head evaluated only at the positions a step fills.
 """
 
 from mdlm.sampling.ancestral_sampler import ancestral, time_grid
-from mdlm.sampling.exact import categorical, inverse_cdf, top_p_filter
+from mdlm.categorical import categorical, inverse_cdf, top_p_filter
 from mdlm.sampling.confidence_sampler import confidence
 from mdlm.sampling.denoisers import (Guided, ModelDenoiser, denoiser_from_model, guided,
                                      shard_denoiser)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdlm.sampling import common, denoisers
-from mdlm.sampling import exact
+from mdlm import categorical
 
 GRIDS = ("uniform", "cosine")
 
@@ -116,11 +116,11 @@ def _fill(x_BxL, select_BxL, features, logits_at, final_B, bits_2xBxL, spec: Spe
     idx_BxS = common.compact(select_BxL, rank_BxL, j * size, size)
     logits_BxSxV = logits_at(features, idx_BxS)
     b, s, v = logits_BxSxV.shape
-    logits_NxV = exact.subs_logits(logits_BxSxV.reshape(b * s, v), spec.mask_id)
+    logits_NxV = categorical.subs_logits(logits_BxSxV.reshape(b * s, v), spec.mask_id)
     bits_2xN = common.gather_bits(bits_2xBxL, idx_BxS).reshape(2, b * s)
-    drawn = exact.draw(logits_NxV, bits_2xN, temperature=spec.temperature,
+    drawn = categorical.draw(logits_NxV, bits_2xN, temperature=spec.temperature,
                        top_p=spec.top_p).reshape(b, s)
-    greedy = exact.argmax(logits_NxV).reshape(b, s)
+    greedy = categorical.argmax(logits_NxV).reshape(b, s)
     tokens_BxS = jnp.where(final_B[:, None], greedy, drawn)
     return common.scatter_rows(x, idx_BxS, tokens_BxS)
 
@@ -133,7 +133,7 @@ def _ancestral_loop(denoise, key, xt_BxL, t_grid, r_grid, spec: Spec):
   features_of, logits_at = denoisers.stages(denoise)
   masked0_BxL = xt_BxL == spec.mask_id
   k_BxL = unmask_steps(jax.random.fold_in(key, 0), masked0_BxL, r_grid)
-  bits_2xBxL = exact.uniform_bits(jax.random.fold_in(key, 1), xt_BxL.shape)
+  bits_2xBxL = categorical.uniform_bits(jax.random.fold_in(key, 1), xt_BxL.shape)
   never = jnp.int32(steps + 2)
 
   if spec.cache:
@@ -176,7 +176,7 @@ def prepare(xt_BxL, denoise, *, steps, schedule, mask_id, cache, temperature, to
             t_end, max_masked=None):
   """Validates settings and builds (xt, t_grid, r_grid, spec); shared with semi_autoregressive."""
   steps = common.check_steps(steps)
-  exact.validate(temperature, top_p)
+  categorical.validate(temperature, top_p)
   if grid not in GRIDS:
     raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}.")
   if not 0.0 < t_end < 1.0:

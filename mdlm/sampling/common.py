@@ -67,7 +67,7 @@ def jit_with_denoiser(impl, static_argnames=()):
 
 
 def gather_bits(bits_2xBxL, idx_BxS):
-  """The random words (exact.uniform_bits, [2, B, L]) of the positions idx: [2, B, S]."""
+  """The random words (categorical.uniform_bits, [2, B, L]) of the positions idx: [2, B, S]."""
   return jnp.stack([denoisers.gather_rows(bits_2xBxL[0], idx_BxS),
                     denoisers.gather_rows(bits_2xBxL[1], idx_BxS)])
 

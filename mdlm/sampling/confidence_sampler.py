@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdlm.sampling import common, denoisers
-from mdlm.sampling import exact
+from mdlm import categorical
 
 REMASKING = ("low_confidence", "random")
 
@@ -80,20 +80,32 @@ def _slab_sizes(block_length: int, smallest: int = 8) -> tuple:
 def _predict(logits_BxSxV, bits_2xBxS, spec: Spec):
   """Predicted tokens and their log-probabilities under the model at a slab of positions."""
   b, s, v = logits_BxSxV.shape
-  logits_NxV = exact.subs_logits(logits_BxSxV.reshape(b * s, v), spec.mask_id)
+  logits_NxV = categorical.subs_logits(logits_BxSxV.reshape(b * s, v), spec.mask_id)
   # Two passes over the [N, V] logits in all: the block maxima (which give the max and argmax)
   # and the exp-sum of the normaliser.
-  top_N, argmax_N = exact.max_and_argmax(logits_NxV)
+  top_N, argmax_N = categorical.max_and_argmax(logits_NxV)
   log_norm_N = top_N + jnp.log(jnp.sum(jnp.exp(logits_NxV - top_N[:, None]), axis=-1))
   # The score is the untempered model probability of the prediction (as LLaDA), kept in log
   # space: monotone in the probability, so ranks and the tau comparison are unchanged.
   if spec.temperature == 0.0:
     tokens_N, chosen_N = argmax_N, top_N
   else:
-    tokens_N = exact.draw(logits_NxV, bits_2xBxS.reshape(2, b * s), temperature=spec.temperature,
+    tokens_N = categorical.draw(logits_NxV, bits_2xBxS.reshape(2, b * s), temperature=spec.temperature,
                           top_p=1.0)
     chosen_N = jnp.take_along_axis(logits_NxV, tokens_N[:, None], axis=-1)[:, 0]
   return tokens_N.reshape(b, s), (chosen_N - log_norm_N).reshape(b, s)
+
+
+def _chosen(score_BxS, log_conf_BxS, valid_BxS, k_B, log_tau):
+  """The k_B best-scored valid slots of each row (ties: the leftmost first); with a threshold
+  (Fast-dLLM), also every valid slot whose confidence reaches it."""
+  score_BxS = jnp.where(valid_BxS, score_BxS, -jnp.inf)
+  order_BxS = jnp.argsort(-score_BxS, axis=1, stable=True)
+  rank_BxS = jnp.argsort(order_BxS, axis=1, stable=True)
+  count_B = k_B
+  if log_tau is not None:
+    count_B = jnp.maximum(k_B, jnp.sum(valid_BxS & (log_conf_BxS >= log_tau), axis=1))
+  return valid_BxS & (rank_BxS < count_B[:, None])
 
 
 def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
@@ -132,7 +144,7 @@ def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
     valid_BxS = idx_BxS < length
     bits_2xBxS = None
     if spec.temperature > 0.0:
-      bits_2xBxL = exact.uniform_bits(jax.random.fold_in(step_key, 0), (b, length))
+      bits_2xBxL = categorical.uniform_bits(jax.random.fold_in(step_key, 0), (b, length))
       bits_2xBxS = common.gather_bits(bits_2xBxL, idx_BxS)
     tokens_BxS, log_conf_BxS = _predict(logits_at(features, idx_BxS), bits_2xBxS, spec)
     if spec.remasking == "random":
@@ -140,13 +152,7 @@ def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
       score_BxS = denoisers.gather_rows(u_BxL, idx_BxS)
     else:
       score_BxS = log_conf_BxS
-    score_BxS = jnp.where(valid_BxS, score_BxS, -jnp.inf)
-    order_BxS = jnp.argsort(-score_BxS, axis=1, stable=True)  # ties: the leftmost first
-    rank_BxS = jnp.argsort(order_BxS, axis=1, stable=True)
-    count_B = k_B
-    if log_tau is not None:
-      count_B = jnp.maximum(k_B, jnp.sum(valid_BxS & (log_conf_BxS >= log_tau), axis=1))
-    chosen_BxS = valid_BxS & (rank_BxS < count_B[:, None])
+    chosen_BxS = _chosen(score_BxS, log_conf_BxS, valid_BxS, k_B, log_tau)
     target_BxS = jnp.where(chosen_BxS, idx_BxS, length)  # L: dropped by the scatter
     x = common.scatter_rows(x, target_BxS, tokens_BxS)
     fill_BxL = common.scatter_rows(fill_BxL, target_BxS, jnp.full((b, size), i + 1, jnp.int32))
@@ -190,7 +196,7 @@ _confidence_jit = common.jit_with_denoiser(_confidence_impl, static_argnames=("s
 def prepare(xt_BxL, denoise, *, steps, mask_id, block_length, threshold, temperature, remasking,
             max_masked=None):
   steps = common.check_steps(steps)
-  exact.validate(temperature, 1.0)
+  categorical.validate(temperature, 1.0)
   if remasking not in REMASKING:
     raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}.")
   if threshold is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
+
 from mdlm.config import MeshConfig
 
 SAMPLERS = ("ancestral", "confidence", "semi_ar", "maria")
@@ -49,7 +51,7 @@ class SamplerConfig:
 
   def settings(self, schedule, mask_id: int) -> dict[str, Any]:
     """Keyword arguments for mdlm.sampling.run_sampler."""
-    if self.name == "maria":  # mdlm.models.hybrid.maria_infill
+    if self.name == "maria":  # mdlm.sampling.maria.maria_infill
       return dict(mask_id=mask_id, temperature=self.temperature, top_p=self.top_p,
                   refresh_every=self.refresh_every)
     inner = self.inner if self.name == "semi_ar" else self.name
@@ -128,7 +130,6 @@ def validate(cfg: SampleConfig) -> SampleConfig:
 
 
 def register_configs() -> None:
-  from hydra.core.config_store import ConfigStore
   cs = ConfigStore.instance()
   cs.store(name="base_sample", node=SampleConfig)
   cs.store(group="sampler", name="base_sampler", node=SamplerConfig)

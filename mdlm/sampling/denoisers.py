@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mdlm import sharding
 from mdlm.sampling import schedule_inverse
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
@@ -121,7 +122,6 @@ def shard_denoiser(denoise: ModelDenoiser, mesh, rules) -> ModelDenoiser:
   uses (mdlm.sharding; config `mesh.rules`). A sampler called with it and with xt placed by
   `mdlm.sharding.batch_sharding(mesh)` then runs data-, FSDP- and tensor-parallel under jit: the
   samplers work row by row, so the batch sharding carries through their loops."""
-  from mdlm import sharding
   if not isinstance(denoise, ModelDenoiser):
     raise TypeError(f"shard_denoiser needs a model denoiser (denoiser_from_model), got "
                     f"{type(denoise).__name__}; wrap a sharded one with guided() afterwards.")

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from mdlm import diffusion
+from mdlm.sampling.denoisers import _GraphKey
 
 
 def unigram_entropy(tokens_NxL, *, ignore: Iterable[int] = ()) -> dict:
@@ -55,7 +56,6 @@ def _score(graph, state, tokens_BxL, mask_BxL):
 
 def _scorer(model):
   """tokens, mask -> (sum NLL, count) for an AR model; compiled once per architecture."""
-  from mdlm.sampling.denoisers import _GraphKey
   if model.cfg.kind != "ar":
     raise ValueError(f"the generative-perplexity evaluator must be an AR model (kind 'ar'); got "
                      f"kind {model.cfg.kind!r}.")

@@ -17,6 +17,7 @@ import numpy as np
 
 from mdlm.sampling.ancestral_sampler import ancestral
 from mdlm.sampling.confidence_sampler import confidence
+from mdlm.sampling.maria import maria_infill
 from mdlm.sampling.semi_ar import semi_autoregressive
 
 MARKER = re.compile(r"\[MASK(?:\*(\d+))?\]")
@@ -102,7 +103,7 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
 
 def run_sampler(key, denoise, xt, *, sampler: str = "ancestral", **settings):
   """Dispatches to ancestral / confidence / semi_ar (window, stride, inner=... for semi_ar), or
-  to maria (mdlm.models.hybrid.maria_infill; `denoise` is then a MariaHead)."""
+  to maria (mdlm.sampling.maria.maria_infill; `denoise` is then a MariaHead)."""
   if sampler == "ancestral":
     return ancestral(key, denoise, xt, **settings)
   if sampler == "confidence":
@@ -112,7 +113,6 @@ def run_sampler(key, denoise, xt, *, sampler: str = "ancestral", **settings):
     inner = settings.pop("inner", "ancestral")
     return semi_autoregressive(key, denoise, xt, sampler=inner, **settings)
   if sampler == "maria":  # here `denoise` is a mdlm.models.hybrid.MariaHead
-    from mdlm.models.hybrid import maria_infill
     return maria_infill(key, denoise, xt, **settings)
   raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
 

@@ -18,8 +18,9 @@ from typing import Iterable, Optional
 
 import yaml
 
-from mdlm.models.config import ModelConfig
+from mdlm.config import ModelConfig
 from mdlm.models.presets import count_params, flops_per_token
+from mdlm.rundir import RunDir
 from mdlm.scaling.plan import KIND_LABELS, Job, load_jobs
 
 COLUMNS = [
@@ -40,23 +41,6 @@ def _read_json(path: Path) -> Optional[dict]:
   except (OSError, ValueError):
     return None
 
-
-def read_metrics(path: Path) -> list[dict]:
-  """metrics.jsonl events; a torn last line (a run killed mid-write) is skipped."""
-  events = []
-  try:
-    with open(path) as f:
-      for line in f:
-        line = line.strip()
-        if not line:
-          continue
-        try:
-          events.append(json.loads(line))
-        except ValueError:
-          continue
-  except OSError:
-    pass
-  return events
 
 
 def _model_config(cfg: dict) -> Optional[ModelConfig]:
@@ -85,18 +69,18 @@ def read_run(run_dir: str | Path, job: Optional[Job] = None) -> dict:
   row["run_dir"] = str(run_dir)
   if job is not None:
     row.update(_job_fields(job))
-  cfg, row["message"] = _read_config(run_dir / "config.yaml")
+  run = RunDir(str(run_dir))
+  cfg, row["message"] = _read_config(Path(run.config_path))
   seq_len = batch = fpt_full = None
   if cfg is not None:
     fields, seq_len, batch, fpt_full = _config_fields(row, cfg)
     row.update(fields)
   if row["steps"] is None and job is not None:
     row["steps"] = job.steps
-  events = read_metrics(run_dir / "metrics.jsonl")
+  events = run.read_metrics()
   last = max(events, key=lambda e: e.get("step", -1)) if events else None
   row.update(_metric_fields(events, last, seq_len, batch))
-  row.update(_state_fields(row, _read_json(run_dir / "status.json"), launch, run_dir.exists(),
-                           last))
+  row.update(_state_fields(row, run.read_status(), launch, run_dir.exists(), last))
   row.update(_compute_fields(row["N"], row["tokens"], fpt_full))
   return row
 
@@ -232,7 +216,7 @@ def find_run_dirs(root: str | Path) -> list[Path]:
     for name in filenames:
       if name.startswith(".") and name.endswith(".launch.json"):
         found.append(Path(dirpath) / name[1:-len(".launch.json")])
-    if {"status.json", "config.yaml", "metrics.jsonl"} & set(filenames):
+    if set(RunDir.RECORD_FILES) & set(filenames):
       found.append(Path(dirpath))
       dirnames[:] = []
     else:
@@ -343,7 +327,7 @@ def read_curves(rows: list[dict]) -> list[dict]:
   for r in rows:
     if not r.get("N"):
       continue
-    for e in read_metrics(Path(r["run_dir"]) / "metrics.jsonl"):
+    for e in RunDir(r["run_dir"]).read_metrics():
       if e.get("val/nll") is None or not e.get("tokens"):
         continue
       out.append({"family": r["family"], "run_dir": r["run_dir"], "budget": r["budget"],

@@ -19,7 +19,7 @@ import dataclasses
 import math
 from typing import Sequence
 
-from mdlm.models.config import ModelConfig
+from mdlm.config import ModelConfig
 from mdlm.models.presets import count_params, flops_per_token
 
 FLOP_CONVENTIONS = ("6N", "full")

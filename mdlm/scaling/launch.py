@@ -24,24 +24,17 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from mdlm.rundir import RunDir
 from mdlm.scaling.plan import Job
 
 
 def is_finished(job: Job) -> bool:
-  try:
-    with open(Path(job.run_dir) / "status.json") as f:
-      status = json.load(f)
-  except (OSError, ValueError):
-    return False
+  status = RunDir(job.run_dir).read_status() or {}
   return status.get("state") == "finished" and int(status.get("step") or 0) >= job.steps
 
 
 def _state(job: Job) -> Optional[str]:
-  try:
-    with open(Path(job.run_dir) / "status.json") as f:
-      return json.load(f).get("state")
-  except (OSError, ValueError):
-    return None
+  return (RunDir(job.run_dir).read_status() or {}).get("state")
 
 
 def _record(job: Job, **fields) -> None:

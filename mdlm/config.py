@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -353,6 +353,12 @@ class ObjectiveConfig:
   `resolve_objective` replaces the "auto" placeholder by the registered class's defaults."""
 
   name: str = "auto"
+  # Facts about the objective that the config reads without importing the objectives (ClassVar:
+  # not settings): the model kind `objective=auto` picks it for, whether it reads the `masking`
+  # section, whether it may be a phase of train.phases.
+  model_kind: ClassVar[Optional[str]] = None
+  uses_masking: ClassVar[bool] = False
+  in_phases: ClassVar[bool] = True
 
   def check(self, cfg: "Config") -> None:
     """Objective-specific refusals (subclasses); called by `validate`."""
@@ -505,9 +511,9 @@ def _validate_train(cfg: Config) -> None:
 def _validate_phases(cfg: Config) -> None:
   tc = cfg.train
   for i, phase in enumerate(tc.phases):
-    _check(phase.objective in objective_configs() and phase.objective != "maria",
-           f"train.phases[{i}].objective={phase.objective!r}; choose one of "
-           f"{sorted(set(objective_configs()) - {'maria'})}")
+    phaseable = sorted(n for n, c in objective_configs().items() if c.in_phases)
+    _check(phase.objective in phaseable,
+           f"train.phases[{i}].objective={phase.objective!r}; choose one of {phaseable}")
     _check(phase.steps >= 1, f"train.phases[{i}].steps={phase.steps} must be >= 1")
   total = sum(p.steps for p in tc.phases)
   _check(tc.phase_cycle or total == tc.steps,
@@ -541,8 +547,8 @@ def validate(cfg: Config) -> Config:
   else:
     cfg.objective.check(cfg)
   used = {p.objective for p in cfg.train.phases} or {name}
-  _check("diffusion" in used or cfg.masking.is_default,
-         f"masking.* settings apply to the diffusion objective, but this run trains with "
+  _check(any(objective_configs()[n].uses_masking for n in used) or cfg.masking.is_default,
+         f"masking.* settings apply to the masked objectives, but this run trains with "
          f"{', '.join(sorted(used))}; drop them (or train with objective=diffusion)")
   return cfg
 
@@ -553,9 +559,7 @@ def resolve_objective(cfg: Config) -> Config:
   name (a config read back from YAML) become that objective's class. Unknown names are left for
   `validate` to refuse."""
   obj = cfg.objective
-  name = obj.name
-  if name == "auto":
-    name = "diffusion" if cfg.model.kind == "denoiser" else "ar"
+  name = objective(cfg)
   cls = objective_configs().get(name)
   if cls is None or type(obj) is cls:
     return cfg
@@ -564,10 +568,14 @@ def resolve_objective(cfg: Config) -> Config:
 
 
 def objective(cfg: Config) -> str:
-  """The name of the objective cfg trains with ("auto" resolved by the model kind)."""
+  """The name of the objective cfg trains with ("auto": the one registered for the model kind)."""
   if cfg.objective.name != "auto":
     return cfg.objective.name
-  return "diffusion" if cfg.model.kind == "denoiser" else "ar"
+  for name, cls in objective_configs().items():
+    if cls.model_kind == cfg.model.kind:
+      return name
+  raise ValueError(f"Invalid config: no objective is registered for model.kind={cfg.model.kind}; "
+                   "set objective=<name>")
 
 
 def to_config(omegaconf_cfg) -> Config:

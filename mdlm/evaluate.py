@@ -16,8 +16,9 @@ import json
 import math
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import hydra
 import jax
@@ -141,6 +142,16 @@ def evaluate_batches(eval_step, params, batches, mesh, rows: int, key,
 # ----------------------------------------------------------------------------- a run
 
 
+def _optional_fields(cls) -> list:
+  hints = typing.get_type_hints(cls)
+  return [(f.name, Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(cls)]
+
+
+# data.* of an evaluation: any DataConfig key; null (the default) keeps the run's value.
+EvalDataConfig = dataclasses.make_dataclass("EvalDataConfig",
+                                            _optional_fields(config_lib.DataConfig))
+
+
 @dataclass
 class EvalConfig:
   """`python -m mdlm.evaluate run=<run dir or checkpoint> [key=value ...]`.
@@ -161,7 +172,7 @@ class EvalConfig:
   seed: int = 0
   output: Optional[str] = None   # default: <run>/eval_<split>[_<source>].json
   progress: bool = True
-  data: Dict[str, Any] = field(default_factory=dict)
+  data: EvalDataConfig = field(default_factory=EvalDataConfig)
 
 
 def applicable_measures(cfg) -> list[str]:
@@ -186,11 +197,16 @@ def _chosen_measures(ecfg: EvalConfig, cfg) -> list[str]:
   return chosen
 
 
+def _data_overrides(ecfg: EvalConfig) -> dict:
+  data = ecfg.data if isinstance(ecfg.data, dict) else dataclasses.asdict(ecfg.data)
+  return {k: v for k, v in data.items() if v is not None}
+
+
 def _eval_data_config(ecfg: EvalConfig, cfg):
-  if not ecfg.data:
+  overrides = _data_overrides(ecfg)
+  if not overrides:
     return cfg.data
-  merged = OmegaConf.merge(OmegaConf.structured(cfg.data), OmegaConf.create(dict(ecfg.data)))
-  data_cfg = OmegaConf.to_object(merged)
+  data_cfg = dataclasses.replace(cfg.data, **overrides)
   config_lib.validate(dataclasses.replace(cfg, data=data_cfg))
   return data_cfg
 
@@ -258,7 +274,7 @@ def evaluate_run(ecfg: EvalConfig) -> dict:
                 split=ecfg.split, objective=config_lib.objective(cfg), ema=ecfg.ema,
                 data_source=data_cfg.source, data_path=data_cfg.path)
   output = ecfg.output or run.join(
-      f"eval_{ecfg.split}" + (f"_{data_cfg.source}" if ecfg.data else "") + ".json")
+      f"eval_{ecfg.split}" + (f"_{data_cfg.source}" if _data_overrides(ecfg) else "") + ".json")
   with open(output, "w") as f:
     json.dump(result, f, indent=1)
   result["output"] = output
@@ -280,8 +296,12 @@ def _report(result: dict) -> str:
   return "\n".join(lines)
 
 
-def _hydra_main():
+def register_configs() -> None:
   ConfigStore.instance().store(name="base_evaluate", node=EvalConfig)
+
+
+def _hydra_main():
+  register_configs()
   cli.register_help_resolver()
 
   @hydra.main(version_base=None, config_path=_config_path(), config_name="evaluate")

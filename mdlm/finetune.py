@@ -21,7 +21,7 @@ from typing import Any, NoReturn, Optional
 import jax
 from flax import nnx
 
-from mdlm import checkpointing, models
+from mdlm import checkpointing, models, objectives
 from mdlm import config as config_lib
 from mdlm import data as data_lib
 from mdlm.data import tokenizers
@@ -89,10 +89,11 @@ def resolve(tc: config_lib.TrainConfig) -> Source:
     src_cfg = run.load_config()
   except Exception as e:  # an unreadable or invalid config.yaml
     _refuse(path, f"cannot read {run_dir}/config.yaml ({e}). Fix: {fix}.")
-  if config_lib.objective(src_cfg) == "maria":
-    _refuse(path, f"{run_dir} is a MARIA head (train.objective=maria), not a denoiser or AR "
-                  "model; fine-tune from one of its backbone runs "
-                  f"({src_cfg.train.maria_denoiser_run} or {src_cfg.train.maria_ar_run}).")
+  given = objectives.get(src_cfg.objective.name).given_runs(src_cfg.objective)
+  if given:
+    _refuse(path, f"{run_dir} trains a head over other runs (objective={src_cfg.objective.name}), "
+                  "not a denoiser or AR model; fine-tune from one of them "
+                  f"({' or '.join(given.values())}).")
   try:
     tokenizer = data_lib.load_tokenizer(run.tokenizer_dir)
   except (ValueError, OSError) as e:

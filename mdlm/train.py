@@ -395,8 +395,8 @@ def _tokenizer(cfg: Config, run: RunDir, given, source):
 def _token_classes(cfg: Config, tokenizer, cache_dir: str):
   """masking.content=weighted: each token id's class (a user file, or frequency buckets of the
   training split)."""
-  if cfg.masking.content != "weighted" or not any(
-      s.name == "diffusion" for s in objectives.run_objectives(cfg)):
+  if not any(objectives.get(s.name).needs_token_classes(s, cfg)
+             for s in objectives.run_objectives(cfg)):
     return None
   if cfg.masking.classes_path:
     return masking.load_classes(cfg.masking.classes_path, tokenizer.vocab_size)

@@ -4,6 +4,7 @@ oracles and independent numpy computations."""
 
 import dataclasses
 import math
+import re
 import types
 from fractions import Fraction
 
@@ -344,3 +345,25 @@ def test_config_dataclass_defaults_are_mdlm():
   assert dataclasses.astuple(m) == dataclasses.astuple(MaskingConfig())
   assert m.is_default and (m.ratio, m.content, m.corruption, m.weighting) == (
       "schedule", "random", "mask", "elbo")
+
+
+PRESETS = ["mlm15", "mlm40", "mlm80", "mlm15_bert", "mlm40_span", "upmlm", "mrd_linear",
+           "mrd_cosine", "ptw", "antlm", "mdlm_is"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_compose_cite_their_paper_and_validate(name):
+  import os
+  from hydra import compose, initialize_config_dir
+  from hydra.core.global_hydra import GlobalHydra
+  from tests.helpers import REPO
+  path = os.path.join(REPO, "configs", "experiment", f"{name}.yaml")
+  header = open(path).read().split("masking:")[0]
+  # A paper cited by title (in quotes), authors and year.
+  assert re.search(r'"[A-Z][^"]+"', header) and re.search(r"(et al\.|\w+ and \w+) 20\d\d", header)
+  GlobalHydra.instance().clear()
+  config_lib.register_configs()
+  with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base=None):
+    cfg = config_lib.to_config(compose("config", overrides=[f"experiment={name}"]))
+  assert cfg.model.d_model == 256 and cfg.train.steps == 500   # the default size and budget
+  assert cfg.masking != MaskingConfig() or name == "antlm"

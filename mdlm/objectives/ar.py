@@ -33,6 +33,7 @@ def check_causal_kind(cfg: config_lib.Config, name: str) -> None:
 @dataclasses.dataclass
 class ARConfig(config_lib.ObjectiveConfig):
   name: str = "ar"
+  model_kind = "ar"
 
   def check(self, cfg: config_lib.Config) -> None:
     check_causal_kind(cfg, self.name)

@@ -91,6 +91,12 @@ class Objective:
     del batch, terms, aux
     return state
 
+  @classmethod
+  def needs_token_classes(cls, settings, cfg) -> bool:
+    """Whether the Setup must carry the class of every token id (content-weighted masking)."""
+    del settings, cfg
+    return False
+
   # Hooks for objectives that train over given, already trained models (MARIA). Class-level: the
   # models (and their tokenizer) are known before the Setup is. The caller loads the runs named
   # by `given_runs` (mdlm.rundir.load_run) and passes them to `given_model`.
@@ -140,6 +146,14 @@ def build(settings: config_lib.ObjectiveConfig, setup: Setup) -> Objective:
 
 def real_token_count(batch) -> jnp.ndarray:
   return jnp.sum(jnp.asarray(batch["token_mask"], bool)).astype(jnp.float32)
+
+
+def refuse_labelled_data(cfg: config_lib.Config, name: str) -> None:
+  """MEAP-SFT batches (data.meap_sft) carry the masking and the labels in the data; only the ar
+  objective scores them as they are (another would mask again, or ignore the labels)."""
+  config_lib._check(not cfg.data.meap_sft,
+                    f"data.meap_sft=true trains with objective=ar (the masking is in the data), "
+                    f"not objective={name}; set objective=ar (or experiment=meap_sft)")
 
 
 def settings_for(cfg: config_lib.Config, name: str) -> config_lib.ObjectiveConfig:

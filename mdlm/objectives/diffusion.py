@@ -29,7 +29,8 @@ import numpy as np
 from mdlm import config as config_lib
 from mdlm import diffusion, masking
 from mdlm.diffusion import LossTerms
-from mdlm.objectives.base import Objective, Setup, real_token_count, register
+from mdlm.objectives.base import (Objective, Setup, real_token_count, refuse_labelled_data,
+                                  register)
 
 
 @dataclasses.dataclass
@@ -38,14 +39,14 @@ class DiffusionConfig(config_lib.ObjectiveConfig):
   phases); nothing of its own here."""
 
   name: str = "diffusion"
+  model_kind = "denoiser"
+  uses_masking = True
 
   def check(self, cfg: config_lib.Config) -> None:
     config_lib._check(cfg.model.kind == "denoiser",
                       "objective=diffusion trains a bidirectional model: set model.kind=denoiser "
                       "(or train an AR model with objective=ar)")
-    config_lib._check(not cfg.data.meap_sft,
-                      "data.meap_sft=true trains with objective=ar (the masking is in the data); "
-                      "set objective=ar and model=ar (or experiment=meap_sft)")
+    refuse_labelled_data(cfg, self.name)
 
 
 @register
@@ -56,6 +57,10 @@ class Diffusion(Objective):
   settings_class = DiffusionConfig
   causal = False
   measures = ("nelbo", "pll", "masked")
+
+  @classmethod
+  def needs_token_classes(cls, settings, cfg) -> bool:
+    return cfg.masking.content == "weighted"
 
   def __init__(self, settings: DiffusionConfig, setup: Setup):
     super().__init__(settings, setup)

@@ -20,7 +20,7 @@ import optax
 from mdlm import config as config_lib
 from mdlm import diffusion
 from mdlm.models import hybrid
-from mdlm.objectives.base import Objective, register
+from mdlm.objectives.base import Objective, refuse_labelled_data, register
 
 
 @dataclasses.dataclass
@@ -28,6 +28,7 @@ class MariaConfig(config_lib.ObjectiveConfig):
   """denoiser_run / ar_run: the trained run directories of the two backbones (one tokenizer)."""
 
   name: str = "maria"
+  in_phases = False   # its model is a head over two given runs, not the model phases train
   denoiser_run: Optional[str] = None
   ar_run: Optional[str] = None
 
@@ -42,8 +43,7 @@ class MariaConfig(config_lib.ObjectiveConfig):
     config_lib._check(cfg.train.init_from is None,
                       "train.init_from does not apply to objective=maria (its backbones come from "
                       "objective.denoiser_run and objective.ar_run); drop train.init_from")
-    config_lib._check(not cfg.data.meap_sft,
-                      "data.meap_sft=true trains with objective=ar; drop it for objective=maria")
+    refuse_labelled_data(cfg, self.name)
 
 
 @register

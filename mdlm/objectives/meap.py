@@ -17,7 +17,7 @@ from mdlm import config as config_lib
 from mdlm import diffusion, meap
 from mdlm.diffusion import LossTerms
 from mdlm.objectives.ar import check_causal_kind, next_token_count
-from mdlm.objectives.base import Objective, register
+from mdlm.objectives.base import Objective, refuse_labelled_data, register
 
 
 @dataclasses.dataclass
@@ -30,10 +30,7 @@ class MEAPConfig(config_lib.ObjectiveConfig):
   def check(self, cfg: config_lib.Config) -> None:
     check_causal_kind(cfg, self.name)
     config_lib._check(0.0 < self.ratio < 1.0, f"objective.ratio={self.ratio} must lie in (0, 1)")
-    # MEAP-SFT masks in the data and scores the labels it carries: masking again would be wrong.
-    config_lib._check(not cfg.data.meap_sft,
-                      "data.meap_sft=true trains with objective=ar (the masking is in the data); "
-                      "set objective=ar (or experiment=meap_sft)")
+    refuse_labelled_data(cfg, self.name)
 
 
 @register

@@ -25,7 +25,7 @@ from mdlm.sampling import (ModelDenoiser, ancestral, categorical, confidence, de
 from mdlm.sampling import ancestral_sampler as ancestral_lib
 from mdlm.sampling import confidence_sampler as confidence_lib
 from mdlm.sampling import denoisers as denoisers_lib
-from mdlm.sampling import exact as categorical_lib
+from mdlm import categorical as categorical_lib
 from mdlm.sampling import metrics as metrics_lib
 from mdlm.sampling import schedule_inverse
 

@@ -336,7 +336,7 @@ def test_objective_and_phase_refusals():
   # masking.* on a run that trains no masked objective is a mistake, refused.
   cfg = config_lib.Config(masking=MaskingConfig(ratio="fixed", weighting="sum_masked"))
   cfg.model = cfg.model.replace(kind="ar")
-  with pytest.raises(ValueError, match="masking.\\* settings apply to the diffusion objective"):
+  with pytest.raises(ValueError, match="masking.\\* settings apply to the masked objectives"):
     config_lib.validate(cfg)
 
 

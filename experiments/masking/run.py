@@ -136,6 +136,7 @@ def main(argv=None):
   p.add_argument("--pll-batches", type=int, default=2, help="PLL costs L forward passes a row")
   p.add_argument("--time-samples", type=int, default=4)
   p.add_argument("--report-only", action="store_true")
+  p.add_argument("--redo", action="store_true", help="train and score runs already in results.json")
   p.add_argument("extra", nargs="*", help="extra Hydra overrides for every training run")
   args = p.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
@@ -149,6 +150,9 @@ def main(argv=None):
     if unknown:
       raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
     for name in names:
+      if name in results and not args.redo:
+        print(f"{name}: already in {results_path}, skipped (--redo to run it again)", flush=True)
+        continue
       run_dir = train_run(name, args)
       status = RunDir(run_dir).read_status()
       results[name] = {"run_dir": os.path.relpath(run_dir, REPO), "preset": RUNS[name][0],

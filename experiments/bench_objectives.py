@@ -4,7 +4,8 @@ Each row is the trainer's own jitted step (mdlm.train.make_train_step: the objec
 the global batch, value_and_grad, clipping, AdamW, EMA) built from the preset's config. Rounds are
 interleaved (one timed block of steps per objective, round after round) so that a change in the
 machine's load hits every row alike; the table gives the median step time and its ratio to the
-MDLM step measured in the same rounds.
+MDLM step measured in the same rounds, and the objective's corruption draw timed alone (jitted),
+which bounds what the objective itself adds to a step whatever the machine's noise.
 
   python experiments/bench_objectives.py                       # the default run's model
   python experiments/bench_objectives.py --model tiny --rounds 5 --json out.json
@@ -66,7 +67,21 @@ def build_step(preset: str, model: str, vocab: int):
   batch = {"tokens": rng.integers(3, vocab, (cfg.train.batch_size, cfg.data.seq_len),
                                   dtype=np.int32),
            "token_mask": np.ones((cfg.train.batch_size, cfg.data.seq_len), bool)}
-  return step, state, sharding.global_batch(batch, mesh)
+  batch = sharding.global_batch(batch, mesh)
+  draw_state = obj_state[objective.name] if obj_state else None
+  draw = jax.jit(lambda b, key: objective.draw(b, key, cfg.train.steps // 2, draw_state))
+  return step, state, batch, draw
+
+
+def time_draw(draw, batch, repeats: int = 50) -> float:
+  """Median seconds of the objective's corruption draw alone (jitted, as inside the step)."""
+  jax.block_until_ready(draw(batch, jax.random.key(0)))
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(draw(batch, jax.random.key(i)))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
 
 
 def main(argv=None):
@@ -81,9 +96,10 @@ def main(argv=None):
   args = p.parse_args(argv)
   config_lib.register_configs()
   names = args.presets.split(",")
-  steps, states, batches = {}, {}, {}
+  steps, states, batches, draws = {}, {}, {}, {}
   for name in names:
-    steps[name], states[name], batches[name] = build_step(name, args.model, args.vocab)
+    steps[name], states[name], batches[name], draws[name] = build_step(name, args.model,
+                                                                       args.vocab)
     for _ in range(2):  # compile and warm up
       states[name], m = steps[name](states[name], batches[name])
     jax.block_until_ready(m)
@@ -97,13 +113,15 @@ def main(argv=None):
       times[name].append((time.perf_counter() - t0) / args.steps)
   base = statistics.median(times[names[0]])
   rows = [{"preset": n, "step_ms": 1e3 * statistics.median(times[n]),
-           "ratio": statistics.median(times[n]) / base} for n in names]
+           "ratio": statistics.median(times[n]) / base,
+           "draw_ms": 1e3 * time_draw(draws[n], batches[n])} for n in names]
   load = os.getloadavg()
   print(f"model={args.model} V={args.vocab}; {args.rounds} interleaved rounds of {args.steps} "
         f"steps; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-  print("| preset | step (ms, median) | vs default (MDLM) |\n|---|---|---|")
+  print("| preset | step (ms, median) | vs default (MDLM) | corruption draw alone (ms) |\n"
+        "|---|---|---|---|")
   for r in rows:
-    print(f"| {r['preset']} | {r['step_ms']:.1f} | {r['ratio']:.3f} |")
+    print(f"| {r['preset']} | {r['step_ms']:.1f} | {r['ratio']:.3f} | {r['draw_ms']:.2f} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"model": args.model, "vocab": args.vocab, "load_average": load, "rows": rows},

@@ -248,7 +248,9 @@ def test_explicit_resume_without_checkpoint(tmp_path):
     train.run(tiny_config(resume="required"), str(tmp_path / "nothing"))
 
 
+@pytest.mark.slow
 def test_hydra_multirun(tmp_path):
+  """Slow, and covered in the default run by the README's multirun command (test_readme)."""
   proc = run_python(["-m", "mdlm.train", "-m", "model=tiny", "tokenizer=byte", "data.seq_len=32",
                      "data.max_documents=20", "data.val_fraction=0.2", "train.steps=2",
                      "train.batch_size=4", "train.eval_batches=1", "train.progress=false",

@@ -83,7 +83,7 @@ def evaluate(name: str, run_dir: str, args) -> dict:
 
 
 def report(results: dict, out_dir: str) -> None:
-  lines = ["| run | what | " + " | ".join(COLUMNS) + " | train time |",
+  lines = ["| run | what | " + " | ".join(COLUMNS) + " | train wall time |",
            "|---|---|" + "---|" * (len(COLUMNS) + 1)]
   best = {c: min((r["measures"][c]["nll"] for r in results.values() if c in r["measures"]),
                  default=None) for c in COLUMNS}
@@ -98,6 +98,11 @@ def report(results: dict, out_dir: str) -> None:
       cells.append(f"**{text}**" if m["nll"] == best[c] else text)
     minutes = r.get("wall_time", float("nan")) / 60
     lines.append(f"| {name} | {RUNS[name][1]} | " + " | ".join(cells) + f" | {minutes:.1f} min |")
+  lines += ["", "nats per token (nelbo, pll, ar) or per masked token (masked*), mean ± standard "
+            "error over sequences; all rows score the same held-out sequences, so differences "
+            "between rows are more precise than the errors suggest. PLL is a pseudo-likelihood, "
+            "not a likelihood. Wall times were taken on a shared 2-core CPU whose load varied "
+            "between runs: they do not compare objectives (experiments/bench_objectives.py does)."]
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -10,25 +10,12 @@ The forward+backward step is the masked-diffusion loss and its gradient (no opti
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from mdlm import diffusion, models, schedules
+from mdlm import diffusion, models, perf, schedules
 from mdlm.models import presets
-
-
-def time_fn(fn, *args, repeats=5):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def main():
@@ -76,8 +63,8 @@ def main():
       return jax.value_and_grad(loss)(state)
 
     n_tok = args.batch * args.seq_len
-    t_f = time_fn(forward, state, tokens, repeats=args.repeats)
-    t_fb = time_fn(fwd_bwd, state, tokens, jax.random.key(1), repeats=args.repeats)
+    t_f = perf.median_seconds(forward, state, tokens, repeats=args.repeats)
+    t_fb = perf.median_seconds(fwd_bwd, state, tokens, jax.random.key(1), repeats=args.repeats)
     print(f"| {name} | {1e6 * t_f / n_tok:.1f} | {1e6 * t_fb / n_tok:.1f} | {n_tok / t_fb:,.0f} |")
 
 

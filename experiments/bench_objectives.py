@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from mdlm import config as config_lib  # noqa: E402
-from mdlm import objectives, sharding, train  # noqa: E402
+from mdlm import objectives, perf, sharding, train  # noqa: E402
 from mdlm.models import presets  # noqa: E402
 
 PRESETS = ["default", "mdlm_is", "mlm15", "mlm40", "mlm80", "mlm15_bert", "mlm40_span", "upmlm",
@@ -73,17 +73,6 @@ def build_step(preset: str, model: str, vocab: int):
   return step, state, batch, draw
 
 
-def time_draw(draw, batch, repeats: int = 50) -> float:
-  """Median seconds of the objective's corruption draw alone (jitted, as inside the step)."""
-  jax.block_until_ready(draw(batch, jax.random.key(0)))
-  times = []
-  for i in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(draw(batch, jax.random.key(i)))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,7 +103,8 @@ def main(argv=None):
   base = statistics.median(times[names[0]])
   rows = [{"preset": n, "step_ms": 1e3 * statistics.median(times[n]),
            "ratio": statistics.median(times[n]) / base,
-           "draw_ms": 1e3 * time_draw(draws[n], batches[n])} for n in names]
+           "draw_ms": 1e3 * perf.median_seconds(draws[n], batches[n], jax.random.key(0),
+                                                 repeats=50)} for n in names]
   load = os.getloadavg()
   print(f"model={args.model} V={args.vocab}; {args.rounds} interleaved rounds of {args.steps} "
         f"steps; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")

@@ -17,18 +17,24 @@ _PEAK_BF16 = {
 }
 
 
+def median_seconds(fn, *args, repeats: int = 10) -> float:
+  """Median wall time of fn(*args) over `repeats` calls, after one call that compiles and warms
+  up; each call is waited for (block_until_ready), so asynchronous dispatch is not timed."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
 def matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 10) -> float:
   """Measured FLOP/s of a jitted n x n matmul on the default device (median of repeats)."""
   a = jnp.ones((n, n), dtype)
   b = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2.0 * n ** 3 / float(np.median(times))
+  return 2.0 * n ** 3 / median_seconds(f, a, b, repeats=repeats)
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,9 +3,11 @@
 Each row is the trainer's own jitted step (mdlm.train.make_train_step: the objective's draw over
 the global batch, value_and_grad, clipping, AdamW, EMA) built from the preset's config. Rounds are
 interleaved (one timed block of steps per objective, round after round) so that a change in the
-machine's load hits every row alike; the table gives the median step time and its ratio to the
-MDLM step measured in the same rounds, and the objective's corruption draw timed alone (jitted),
-which bounds what the objective itself adds to a step whatever the machine's noise.
+machine's load hits every row alike, and each round starts one preset later so that none always
+runs first. The table gives the median step time; the median over rounds of its ratio to the
+MDLM step of the same round; XLA's FLOP count of the step against MDLM's (free of timing noise);
+and the objective's corruption draw timed alone (jitted), which bounds what the objective itself
+adds to a step whatever the machine's noise.
 
   python experiments/bench_objectives.py                       # the default run's model
   python experiments/bench_objectives.py --model tiny --rounds 5 --json out.json
@@ -73,6 +75,14 @@ def build_step(preset: str, model: str, vocab: int):
   return step, state, batch, draw
 
 
+def _compiled_flops(step, state, batch) -> float:
+  """XLA's FLOP count of the lowered step: a noise-free measure of the work an objective adds
+  (0 where the backend does not report it)."""
+  cost = step.lower(state, batch).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,25 +103,34 @@ def main(argv=None):
       states[name], m = steps[name](states[name], batches[name])
     jax.block_until_ready(m)
   times = {n: [] for n in names}
-  for _ in range(args.rounds):
-    for name in names:
+  for r in range(args.rounds):
+    # Each round starts one preset later, so no preset always runs first (or last) in a round;
+    # each block's first step is untimed (it brings that preset's state back into cache).
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      states[name], m = steps[name](states[name], batches[name])
+      jax.block_until_ready(m)
       t0 = time.perf_counter()
       for _ in range(args.steps):
         states[name], m = steps[name](states[name], batches[name])
       jax.block_until_ready(m)
       times[name].append((time.perf_counter() - t0) / args.steps)
-  base = statistics.median(times[names[0]])
+  base = names[0]
+  flops = {n: _compiled_flops(steps[n], states[n], batches[n]) for n in names}
   rows = [{"preset": n, "step_ms": 1e3 * statistics.median(times[n]),
-           "ratio": statistics.median(times[n]) / base,
+           # paired: this preset's time over the first preset's in the same round
+           "ratio": statistics.median(a / b for a, b in zip(times[n], times[base])),
+           "flops_ratio": flops[n] / flops[base] if flops[base] else None,
            "draw_ms": 1e3 * perf.median_seconds(draws[n], batches[n], jax.random.key(0),
                                                  repeats=50)} for n in names]
   load = os.getloadavg()
   print(f"model={args.model} V={args.vocab}; {args.rounds} interleaved rounds of {args.steps} "
         f"steps; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-  print("| preset | step (ms, median) | vs default (MDLM) | corruption draw alone (ms) |\n"
-        "|---|---|---|---|")
+  print(f"| preset | step (ms, median) | vs {base} (median of per-round ratios) | "
+        f"step FLOPs (XLA) vs {base} | corruption draw alone (ms) |\n|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['preset']} | {r['step_ms']:.1f} | {r['ratio']:.3f} | {r['draw_ms']:.2f} |")
+    fr = "n/a" if r["flops_ratio"] is None else f"{r['flops_ratio']:.4f}"
+    print(f"| {r['preset']} | {r['step_ms']:.1f} | {r['ratio']:.3f} | {fr} | "
+          f"{r['draw_ms']:.2f} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"model": args.model, "vocab": args.vocab, "load_average": load, "rows": rows},

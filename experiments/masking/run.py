@@ -5,7 +5,7 @@ with the same model and token budget, then scored on the same held-out text.
   python experiments/masking/run.py --only mlm15,mdlm    # a subset
   python experiments/masking/run.py --report-only        # rebuild the table from results.json
 
-Each run is `python -m mdlm.train experiment=<preset>` at the default size (4 layers, d=256, L=128,
+Each run is `python -m mdlm.train experiment=<preset>` at the table's size (4 layers, d=256, L=128,
 batch 32, 500 steps = 2.05M tokens) on ../shared/data/pd-prose.txt.gz with one sentencepiece
 tokenizer (4,096 pieces) shared by all runs (data.cache_dir). Runs live under --runs; a finished
 run is skipped and an interrupted one resumes (train.resume=auto), so the script can be stopped
@@ -17,6 +17,7 @@ Writes results.json, results.md and masking.png under --out.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,9 @@ RUNS = {
     "antlm": ("antlm", "AR / MLM / AR phases (AntLM, Yu et al. 2024)"),
     "ar": ("ar_default", "autoregressive baseline"),
 }
+# The size every row of the committed table was trained at (the default run's model when the
+# table was made; pinned here so that a change of the default cannot mix sizes in one table).
+TABLE_MODEL = ["model.num_layers=4", "model.dtype=float32"]
 COLUMNS = ["nelbo", "pll", "masked15", "masked40", "masked80", "ar"]
 
 
@@ -52,7 +56,8 @@ def train_run(name: str, args) -> str:
   run_dir = os.path.join(args.runs, name)
   if (RunDir(run_dir).read_status() or {}).get("state") == "finished":
     return run_dir
-  cmd = [sys.executable, "-m", "mdlm.train", f"experiment={RUNS[name][0]}", "data=text",
+  cmd = [sys.executable, "-m", "mdlm.train", f"experiment={RUNS[name][0]}", *TABLE_MODEL,
+         "data=text",
          f"data.path={args.data}", f"data.cache_dir={os.path.join(args.runs, 'data_cache')}",
          f"hydra.run.dir={run_dir}", "train.progress=false"] + args.extra
   print(f"[{time.strftime('%H:%M:%S')}] training {name}: {' '.join(cmd[2:])}", flush=True)
@@ -82,6 +87,17 @@ def evaluate(name: str, run_dir: str, args) -> dict:
   return out
 
 
+def tokenizer_fingerprint(run_dir: str) -> str:
+  """sha256 of the run's tokenizer files: rows compare only if they share it (the sentencepiece
+  training is deterministic, so a run trained on another machine shares it too)."""
+  digest = hashlib.sha256()
+  tok_dir = os.path.join(run_dir, "tokenizer")
+  for name in sorted(os.listdir(tok_dir)):
+    with open(os.path.join(tok_dir, name), "rb") as f:
+      digest.update(name.encode() + b"\0" + f.read())
+  return digest.hexdigest()
+
+
 def report(results: dict, out_dir: str) -> None:
   lines = ["| run | what | " + " | ".join(COLUMNS) + " | train wall time |",
            "|---|---|" + "---|" * (len(COLUMNS) + 1)]
@@ -103,6 +119,15 @@ def report(results: dict, out_dir: str) -> None:
             "between rows are more precise than the errors suggest. PLL is a pseudo-likelihood, "
             "not a likelihood. Wall times were taken on a shared 2-core CPU whose load varied "
             "between runs: they do not compare objectives (experiments/bench_objectives.py does)."]
+  fingerprints = {r["tokenizer_sha256"] for r in results.values() if "tokenizer_sha256" in r}
+  if fingerprints:
+    marked = sum("tokenizer_sha256" in r for r in results.values())
+    lines.append("")
+    lines.append(f"Tokenizer sha256 {', '.join(sorted(f[:16] for f in fingerprints))} for the "
+                 f"{marked} rows that record it; the sentencepiece training is deterministic "
+                 "(retraining it reproduces the file byte for byte), so rows trained before the "
+                 "fingerprint was recorded, by the same code on the same corpus, share it."
+                 + (" ROWS DISAGREE: they do not compare." if len(fingerprints) > 1 else ""))
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
@@ -161,8 +186,9 @@ def main(argv=None):
       run_dir = train_run(name, args)
       status = RunDir(run_dir).read_status()
       results[name] = {"run_dir": os.path.relpath(run_dir, REPO), "preset": RUNS[name][0],
-                       "wall_time": status.get("wall_time"), "measures": evaluate(name, run_dir,
-                                                                                  args)}
+                       "wall_time": status.get("wall_time"),
+                       "tokenizer_sha256": tokenizer_fingerprint(run_dir),
+                       "measures": evaluate(name, run_dir, args)}
       with open(results_path, "w") as f:
         json.dump(results, f, indent=1)
   report({n: results[n] for n in RUNS if n in results}, args.out)

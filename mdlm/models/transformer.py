@@ -7,6 +7,7 @@ are float32; activations use `cfg.dtype`; the output logits are float32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -44,21 +45,64 @@ def dense(x, w, in_ndim: int = 1, preferred_element_type=None):
   Flattening w's output axes keeps a sharded axis partitioned only if it is the major one, so
   callers pass one (fan_in, heads, head_dim) or (fan_in, mlp) slice at a time.
 
-  Low-precision (bf16) operands always accumulate in float32, and the result is cast back to
-  their dtype unless `preferred_element_type` asks otherwise: besides the precision, XLA's CPU
-  backend runs a bf16 x bf16 -> f32 GEMM on the native bf16 instructions, about three times the
-  float32 rate on this project's CPU, while a bf16-output GEMM takes a slower path.
+  w is the float32 parameter. With float32 activations this is a plain float32 GEMM. With
+  low-precision (bf16) activations, w is cast to their dtype and the GEMM accumulates in float32
+  (`_mixed_dot`); the result is cast back to x's dtype unless `preferred_element_type` asks for
+  another (the output head asks for float32 logits).
   """
   lead, fan_in = x.shape[: x.ndim - in_ndim], x.shape[x.ndim - in_ndim:]
   out = w.shape[in_ndim:]
   x2, w2 = x.reshape(-1, math.prod(fan_in)), w.reshape(math.prod(fan_in), -1)
-  if x.dtype == jnp.float32 and preferred_element_type is None:
-    y = jnp.dot(x2, w2)
+  if x.dtype == jnp.float32:
+    y = jnp.dot(x2, w2.astype(jnp.float32), preferred_element_type=preferred_element_type)
   else:
-    y = jnp.dot(x2, w2, preferred_element_type=preferred_element_type or jnp.float32)
-    if preferred_element_type is None:
-      y = y.astype(x.dtype)
+    y = _mixed_dot(x2, w2, jnp.dtype(preferred_element_type or x.dtype), jnp.dtype(w2.dtype))
   return y.reshape(*lead, *out)
+
+
+def _row_major_transpose(a_MxN):
+  """a.T as a row-major copy on CPU (a plain transpose elsewhere).
+
+  XLA folds a transpose into the GEMM that reads it (a transposed operand), and its CPU backend
+  runs bf16 GEMMs with a transposed operand at about half the rate of row-major ones: a backward
+  pass whose two GEMMs both read a transposed operand loses the whole gain of bf16. A transpose
+  through a reshape cannot be folded, and the copy costs a few percent of the GEMM it feeds.
+  """
+  m, n = a_MxN.shape
+
+  def copy(a):
+    split = 16 if n % 16 == 0 else 1
+    return jnp.transpose(a.reshape(m, n // split, split), (1, 2, 0)).reshape(n, m)
+
+  return jax.lax.platform_dependent(a_MxN, cpu=copy, default=jnp.transpose)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _mixed_dot(x_MxK, w_KxN, out_dtype, w_dtype):
+  """x @ w in x's (low-precision) dtype with float32 accumulation, cast to out_dtype.
+
+  The custom backward pass computes both gradients as low-precision GEMMs with float32
+  accumulation on row-major operands, and returns w's gradient in w's own dtype (float32 for a
+  parameter) straight from the float32 accumulator, so it is never rounded to bf16."""
+  del w_dtype
+  return jnp.dot(x_MxK, w_KxN.astype(x_MxK.dtype),
+                 preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _mixed_dot_fwd(x_MxK, w_KxN, out_dtype, w_dtype):
+  w_lo = w_KxN.astype(x_MxK.dtype)
+  return _mixed_dot(x_MxK, w_KxN, out_dtype, w_dtype), (x_MxK, w_lo)
+
+
+def _mixed_dot_bwd(out_dtype, w_dtype, residuals, dy_MxN):
+  x_MxK, w_lo_KxN = residuals
+  dy_MxN = dy_MxN.astype(x_MxK.dtype)
+  dx_MxK = jnp.dot(dy_MxN, _row_major_transpose(w_lo_KxN), preferred_element_type=jnp.float32)
+  dw_KxN = jnp.dot(_row_major_transpose(x_MxK), dy_MxN, preferred_element_type=jnp.float32)
+  return dx_MxK.astype(x_MxK.dtype), dw_KxN.astype(w_dtype)
+
+
+_mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
 
 
 class Norm(nnx.Module):
@@ -104,10 +148,9 @@ class Attention(nnx.Module):
     self.w_out = _param(rngs, _dense_init(d), (n, h, d), (HEADS, KV, EMBED))
 
   def qkv(self, x_BxLxD, positions_L):
-    dtype = x_BxLxD.dtype
     # One GEMM per projection: flattening (3, n, h) into one output dimension would put the
     # (tensor-sharded) heads axis inside it and force a resharding of the weight.
-    w_Dx3xNxH = self.w_qkv[...].astype(dtype)
+    w_Dx3xNxH = self.w_qkv[...]
     q, k, v = (dense(x_BxLxD, w_Dx3xNxH[:, i]) for i in range(3))
     theta = self.cfg.rope_theta
     return rotary(q, positions_L, theta), rotary(k, positions_L, theta), v
@@ -115,7 +158,7 @@ class Attention(nnx.Module):
   def attend(self, q, k, v, mask, is_causal):
     out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=is_causal, implementation=self.cfg.attention_impl)
-    return dense(out, self.w_out[...].astype(q.dtype), in_ndim=2)
+    return dense(out, self.w_out[...], in_ndim=2)
 
   def __call__(self, x_BxLxD, positions_L, mask, causal: bool):
     q, k, v = self.qkv(x_BxLxD, positions_L)
@@ -134,14 +177,13 @@ class FeedForward(nnx.Module):
     self.w_out = _param(rngs, _dense_init(f), (f, d), (MLP, EMBED))
 
   def __call__(self, x_BxLxD):
-    dtype = x_BxLxD.dtype
     if self.kind == "swiglu":
       # Two GEMMs rather than one over the flattened (2, f): see Attention.qkv.
-      w_Dx2xF = self.w_in[...].astype(dtype)
+      w_Dx2xF = self.w_in[...]
       h = jax.nn.silu(dense(x_BxLxD, w_Dx2xF[:, 0])) * dense(x_BxLxD, w_Dx2xF[:, 1])
     else:
-      h = jax.nn.gelu(dense(x_BxLxD, self.w_in[...].astype(dtype)), approximate=True)
-    return dense(h, self.w_out[...].astype(dtype))
+      h = jax.nn.gelu(dense(x_BxLxD, self.w_in[...]), approximate=True)
+    return dense(h, self.w_out[...])
 
 
 class AdaLN(nnx.Module):
@@ -242,8 +284,7 @@ class Transformer(nnx.Module):
 
   def logits(self, hidden_BxLxD):
     """Output head in the compute dtype with float32 accumulation and float32 result."""
-    w_DxV = self.output_weights().astype(hidden_BxLxD.dtype)
-    return dense(hidden_BxLxD, w_DxV, preferred_element_type=jnp.float32)
+    return dense(hidden_BxLxD, self.output_weights(), preferred_element_type=jnp.float32)
 
   def final_hidden(self, hidden_BxLxD, cond_BxC=None):
     h = self.final_norm(hidden_BxLxD)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+import mdlm  # noqa: F401 (first: its host-malloc settings must precede jax's threads)
 import jax
 from flax import nnx
 

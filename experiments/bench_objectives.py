@@ -25,6 +25,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import mdlm  # noqa: E402,F401 (first: its host-malloc settings must precede jax's threads)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402

@@ -25,6 +25,7 @@ import argparse
 import json
 import time
 
+import mdlm  # noqa: F401 (first: its host-malloc settings must precede jax's threads)
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -38,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+import mdlm  # first: its host-malloc settings (mdlm.host_malloc) must precede jax's threads
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,9 +109,11 @@ def make_train_step(model, schedule, *, lr=3e-4, weight_decay=0.01, clip=1.0):
 
 
 def bench_one(preset: str, dtype: str, *, seq_len: int, batch: int, vocab: int, warmup: int,
-              repeats: int, peak_fn, attention_impl=None, seed: int = 0) -> dict:
+              repeats: int, peak_fn, attention_impl=None, time_conditioning=False,
+              seed: int = 0) -> dict:
   """Times `repeats` training steps; peak_fn() -> (FLOP/s samples, FLOP/CPU-s samples)."""
   cfg = presets.get(preset, dtype=dtype, vocab_size=vocab, attention_impl=attention_impl,
+                    time_conditioning=time_conditioning,
                     max_seq_len=max(seq_len, presets.PRESETS[preset].max_seq_len))
   params, opt_state, step = make_train_step(build(cfg, seed=seed), schedules.get("loglinear"))
   tokens = jax.random.randint(jax.random.key(seed + 1), (batch, seq_len), 0, vocab, jnp.int32)
@@ -153,7 +156,8 @@ def bench_one(preset: str, dtype: str, *, seq_len: int, batch: int, vocab: int, 
   device_stats = jax.devices()[0].memory_stats() or {}
   return {
       "preset": preset, "dtype": dtype, "seq_len": seq_len, "batch": batch, "vocab": vocab,
-      "attention_impl": attention_impl,
+      "attention_impl": attention_impl, "time_conditioning": time_conditioning,
+      "host_malloc": mdlm.host_malloc.applied,
       "params": presets.count_params(cfg, vocab)["total"],
       "flops_per_token": flops_per_token,
       "step_s": step_s, "step_s_all": wall,
@@ -185,6 +189,8 @@ def main(argv=None):
   p.add_argument("--peak-repeats", type=int, default=10)
   p.add_argument("--attention-impl", default=None, choices=["xla", "cudnn"],
                  help="jax.nn.dot_product_attention implementation (default: JAX's choice)")
+  p.add_argument("--time-conditioning", action="store_true",
+                 help="adaLN-zero time conditioning, as MDLM's DiT (off in the presets)")
   p.add_argument("--json", default=None, help="write the result rows to this JSON file")
   args = p.parse_args(argv)
   for name in args.presets:
@@ -213,6 +219,7 @@ def main(argv=None):
     for dtype in args.dtypes:
       r = bench_one(name, dtype, seq_len=args.seq_len, batch=args.batch, vocab=args.vocab,
                     warmup=args.warmup, repeats=args.repeats, attention_impl=args.attention_impl,
+                    time_conditioning=args.time_conditioning,
                     peak_fn=lambda: f32_peak.sample(max(1, args.peak_repeats // args.repeats)))
       work = r["flops_per_token"] * r["batch"] * r["seq_len"]
       r["mfu"] = r["achieved_flops"] / r["peak_flops"]

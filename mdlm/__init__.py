@@ -1,3 +1,7 @@
 """mdlm: masked diffusion language models in JAX / Flax NNX."""
 
+from mdlm import host_malloc
+
 __version__ = "0.1.0"
+
+host_malloc.tune()  # before jax starts its CPU threads: see mdlm/host_malloc.py

@@ -271,6 +271,20 @@ def test_process_sharding_is_disjoint_and_complete(corpus_dir, spm_tok):
     data.build_dataset(cfg, spm_tok, split="train", batch_size=5, seed=0, process_count=2)
 
 
+def test_the_global_batch_does_not_depend_on_the_process_count(corpus_dir, spm_tok):
+  """Process p's batch g is rows [p b, (p + 1) b) of the one-process global batch g, so a run
+  over several processes trains on exactly the batches (and losses) of a one-process run."""
+  cfg = jsonl_cfg(corpus_dir, seq_len=32)
+  kw = dict(split="train", batch_size=4, seed=3)
+  whole = _batches(data.build_dataset(cfg, spm_tok, **kw), 12)
+  parts = [_batches(data.build_dataset(cfg, spm_tok, process_index=p, process_count=2, **kw), 12)
+           for p in range(2)]
+  for g, batch in enumerate(whole):
+    for key in ("tokens", "token_mask"):
+      np.testing.assert_array_equal(np.concatenate([parts[0][g][key], parts[1][g][key]]),
+                                    batch[key])
+
+
 # -------------------------------------------------------------------------------- caching
 
 def test_second_build_uses_caches(corpus_dir, tmp_path, monkeypatch):

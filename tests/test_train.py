@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -261,22 +262,56 @@ def test_hydra_multirun(tmp_path):
     assert status["state"] == "finished"
 
 
-@pytest.mark.slow
-def test_multi_process_training_over_loopback(tmp_path):
-  """Two JAX processes (jax.distributed over loopback, CPU collectives) train one run."""
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  script = ("import sys; from mdlm import train; from tests.helpers import tiny_config; "
-            "train.run(tiny_config(steps=4, checkpoint_every=2, eval_every=4), sys.argv[1])")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_NUM_PROCESSES="2",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}")
-  procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run")], cwd=REPO,
-                            env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
-  status = json.load(open(tmp_path / "run" / "status.json"))
-  assert status["state"] == "finished" and status["step"] == 4
-  assert np.isfinite(status["val/nll"])
+_MESH_SCRIPT = textwrap.dedent("""
+    import json, sys, jax
+    from mdlm import train
+    from tests.helpers import tiny_config, train_losses
+    steps, out = int(sys.argv[1]), sys.argv[2]
+    cfg = tiny_config(steps=steps, checkpoint_every=2, eval_every=1000)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    train.run(cfg, out)
+    print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
+                      "losses": train_losses(out)}))
+""")
+
+
+def _mesh_run(steps, out, processes, devices_each):
+  """Starts the tiny (2, 2, 2)-mesh run as `processes` JAX processes over loopback."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+  if processes > 1:
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    env.update(JAX_NUM_PROCESSES=str(processes), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}")
+  return [subprocess.Popen([sys.executable, "-c", _MESH_SCRIPT, str(steps), out], cwd=REPO,
+                           env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+
+
+def _finish(procs):
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+  return json.loads(outs[0].strip().splitlines()[-1])
+
+
+def test_two_processes_train_as_one_and_hand_over_their_checkpoint(tmp_path):
+  """jax.distributed over loopback: 2 processes x 4 CPU devices give the losses of 1 process x 8
+  devices on the same (data, fsdp, tensor) = (2, 2, 2) mesh, and the checkpoint the two wrote
+  (step 4) resumes in one process with the losses the one-process run had at steps 5-6."""
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  started = _mesh_run(4, two, processes=2, devices_each=4) + _mesh_run(6, one, 1, 8)
+  two_res, one_res = _finish(started[:2]), _finish(started[2:])
+  assert (two_res["processes"], two_res["devices"]) == (2, 8)
+  assert (one_res["processes"], one_res["devices"]) == (1, 8)
+  want = {int(k): v for k, v in one_res["losses"].items()}
+  got = {int(k): v for k, v in two_res["losses"].items()}
+  assert sorted(got) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
+
+  resumed = _finish(_mesh_run(6, two, processes=1, devices_each=8))
+  got = {int(k): v for k, v in resumed["losses"].items()}
+  assert sorted(got) == [1, 2, 3, 4, 5, 6]  # the first four from the two-process run's log
+  np.testing.assert_allclose([got[5], got[6]], [want[5], want[6]], rtol=1e-5)
+  status = json.load(open(tmp_path / "two" / "status.json"))
+  assert status["state"] == "finished" and status["step"] == 6

@@ -150,12 +150,17 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, *, split: str, bat
   if not repeat_forever:
     rows = PaddedRows(rows, math.ceil(len(rows) / batch_size) * batch_size, L, pad,
                       labels=data_cfg.meap_sft)
-  ds = grain.MapDataset.source(rows)[process_index::process_count]
+  ds = grain.MapDataset.source(rows)
   if shuffle:
     ds = ds.shuffle(seed)
   if repeat_forever or num_epochs > 1:
     ds = ds.repeat(num_epochs)
   ds = ds.batch(b, drop_remainder=True)
+  if process_count > 1:
+    # Global batch g is the chunks g P, ..., g P + P - 1 of b consecutive rows of the one shuffled
+    # order, and this process takes chunk g P + process_index: the global batch, and so every
+    # loss, is the same whatever the number of processes.
+    ds = ds[process_index::process_count]
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_workers))
 
 

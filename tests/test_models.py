@@ -39,6 +39,11 @@ def test_preset_counts():
   assert m == 8 * 12 * 512 ** 2 + 512 * 8192
   assert f["full"] == 6 * m + 12 * 8 * 256 * 512
   assert presets.custom(3, 96, 3).head_dim == 32
+  # LLaDA-8B's published counts: 8.02B total, 6.98B without the embedding and head.
+  llada = presets.count_params(presets.get("8b"), vocab_size=presets.LLADA_VOCAB - 1)
+  assert llada["total"] == pytest.approx(8.02e9, abs=0.005e9)
+  assert llada["non_embedding"] == pytest.approx(6.98e9, abs=0.005e9)
+  assert llada["non_embedding"] == 32 * (4 * 4096**2 + 3 * 4096 * 12288 + 2 * 4096) + 4096
 
 
 def test_every_parameter_has_logical_axes():

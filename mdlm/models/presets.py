@@ -27,7 +27,16 @@ PRESETS: dict[str, ModelConfig] = {
     # 24 layers, d=1024, 16 heads.
     "medium": ModelConfig(name="medium", num_layers=24, d_model=1024, num_heads=16,
                           max_seq_len=1024, dropout=0.1),
+    # LLaDA-8B's shape (Nie et al. 2025, "Large Language Diffusion Models", Table 5): 32 layers,
+    # d=4096, 32 heads (no grouped KV), SwiGLU FFN 12,288, RMSNorm, RoPE, untied embedding and
+    # head, 4,096-token context. With its vocabulary (LLADA_VOCAB ids, the mask among them:
+    # vocab_size=LLADA_VOCAB - 1 here, as mdlm adds the mask row) the counts are the paper's
+    # 8.02B total and 6.98B non-embedding parameters.
+    "8b": ModelConfig(name="8b", num_layers=32, d_model=4096, num_heads=32, d_ff=12288,
+                      mlp="swiglu", norm="rmsnorm", max_seq_len=4096),
 }
+
+LLADA_VOCAB = 126_464  # LLaDA's tokenizer, its mask token included
 
 
 def get(name: str, **overrides) -> ModelConfig:

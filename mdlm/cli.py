@@ -28,6 +28,7 @@ APP_GROUPS = {
     "train": ("model", "data", "tokenizer", "noise", "objective", "optim", "mesh", "experiment"),
     "sample": ("sampler", "mesh"),
     "evaluate": (),
+    "aot": ("model", "data", "tokenizer", "noise", "objective", "optim", "mesh", "experiment"),
 }
 
 

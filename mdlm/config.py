@@ -21,6 +21,7 @@ KINDS = ("denoiser", "ar")
 MLPS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
+REMATS = ("none", "full", "dots_saveable")
 
 
 @dataclasses.dataclass
@@ -31,8 +32,19 @@ class ModelConfig:
   d_ff: MLP hidden width; 0 means 4 d_model for GELU and 8/3 d_model (rounded to 64) for SwiGLU.
   vocab_size: real tokens V; 0 means "take it from the tokenizer". The embedding has V + 1 rows
     (row V is the mask token); the output head has V columns (SUBS never predicts the mask).
+  num_kv_heads: key/value heads; 0 means num_heads (multi-head attention), fewer is grouped-query
+    attention (Ainslie et al. 2023, "GQA"): query head i reads key/value head
+    i // (num_heads / num_kv_heads). Must divide num_heads.
   time_conditioning: DiT-style adaLN-zero on the noise level (off by default, as in MDLM).
-  dtype: compute dtype; parameters are always float32.
+  dtype: compute dtype (activations); the loss and the logits are float32.
+  param_dtype: the parameters' (and so the EMA's and AdamW's) dtype; bfloat16 halves their memory
+    at the cost of rounding every update.
+  remat: rematerialisation of each block in the backward pass: "none" keeps every activation,
+    "full" recomputes the whole block, "dots_saveable" keeps the matmul outputs and recomputes
+    the rest (`jax.checkpoint_policies`). The numbers are the same; only memory and time change.
+  scan_layers: the blocks' parameters stacked on a leading "layers" axis and applied by one
+    `nnx.scan`, so compile time stays flat in depth (a different parameter layout: checkpoints
+    of scanned and unrolled models do not load into each other).
   """
 
   name: str = "custom"
@@ -40,6 +52,7 @@ class ModelConfig:
   num_layers: int = 2
   d_model: int = 64
   num_heads: int = 4
+  num_kv_heads: int = 0
   d_ff: int = 0
   mlp: str = "gelu"
   norm: str = "layernorm"
@@ -52,6 +65,9 @@ class ModelConfig:
   rope_theta: float = 10000.0
   dtype: str = "float32"
   attention_impl: Optional[str] = None  # None: let JAX choose; "xla" or "cudnn" to force.
+  param_dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = False
 
   @property
   def causal(self) -> bool:
@@ -60,6 +76,10 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
   @property
   def ff_dim(self) -> int:
@@ -78,8 +98,11 @@ class ModelConfig:
       bad(f"mlp must be one of {MLPS}, got {self.mlp!r}")
     if self.norm not in NORMS:
       bad(f"norm must be one of {NORMS}, got {self.norm!r}")
-    if self.dtype not in DTYPES:
-      bad(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        bad(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+    if self.remat not in REMATS:
+      bad(f"remat must be one of {REMATS}, got {self.remat!r}")
     for name in ("num_layers", "d_model", "num_heads", "max_seq_len", "cond_dim"):
       if getattr(self, name) < 1:
         bad(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -87,6 +110,10 @@ class ModelConfig:
       bad("d_ff and vocab_size must be >= 0")
     if self.d_model % self.num_heads:
       bad(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+    if self.num_kv_heads < 0:
+      bad(f"num_kv_heads must be >= 0 (0: num_heads), got {self.num_kv_heads}")
+    if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+      bad(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       bad(f"head_dim={self.head_dim} must be even for rotary embeddings")
     if not 0.0 <= self.dropout < 1.0:
@@ -281,6 +308,7 @@ class OptimConfig:
   grad_clip: float = 1.0         # 0 disables
   grad_accum: int = 1
   ema: float = 0.9999            # 0 disables
+  mu_dtype: str = "float32"      # AdamW's first moment: bfloat16 halves its memory
 
 
 @dataclass
@@ -303,6 +331,7 @@ class MeshConfig:
       ["cond", None],
       ["cond_hidden", None],
       ["modulation", None],
+      ["layers", None],
   ])
 
 
@@ -479,6 +508,7 @@ def _validate_optim_mesh(o: OptimConfig, m: MeshConfig) -> None:
   _check(o.weight_decay >= 0 and o.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
   _check(o.grad_accum >= 1, f"optim.grad_accum={o.grad_accum} must be >= 1")
   _check(0.0 <= o.ema < 1.0, f"optim.ema={o.ema} must lie in [0, 1)")
+  _check(o.mu_dtype in DTYPES, f"optim.mu_dtype={o.mu_dtype!r}; choose one of {DTYPES}")
   sizes = [m.data, m.fsdp, m.tensor]
   _check(all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1,
          f"mesh sizes {sizes}: each must be >= 1, with at most one -1")

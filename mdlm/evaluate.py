@@ -43,6 +43,7 @@ def make_eval_step(merge: Callable, measure: measures_lib.Measure, setup: object
   batch_sh = sharding.batch_sharding(mesh)
   samples = int(time_samples) if measure.stochastic else 1
 
+  @sharding.activation_sharding(mesh)
   def eval_fn(params, batch, key):
     model = merge(params)
 

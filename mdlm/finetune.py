@@ -31,9 +31,10 @@ from mdlm.rundir import RunDir
 log = logging.getLogger("mdlm.finetune")
 
 
-# Fields of ModelConfig that decide the parameter shapes (with d_ff: see shape_diffs).
+# Fields of ModelConfig that decide the parameter shapes (with d_ff and num_kv_heads: see
+# shape_diffs).
 SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "mlp", "norm",
-                "time_conditioning", "cond_dim", "tie_embeddings", "vocab_size")
+                "time_conditioning", "cond_dim", "tie_embeddings", "vocab_size", "scan_layers")
 # Fields that keep the shapes but change the function the weights compute: allowed, with a warning
 # that says what changes.
 FUNCTION_FIELDS = {
@@ -146,13 +147,16 @@ def shape_diffs(new: ModelConfig, src: ModelConfig) -> list[tuple[str, Any, Any]
   """(field, new value, source value) for each shape-relevant field that differs.
 
   d_ff counts when its resolved width differs and it was set differently: a width that follows
-  from a differing d_model or mlp is fixed by setting those (d_ff=0 means the default width)."""
+  from a differing d_model or mlp is fixed by setting those (d_ff=0 means the default width).
+  num_kv_heads likewise (0 means num_heads)."""
   names = [n for n in SHAPE_FIELDS
            if not (n == "cond_dim" and not (src.time_conditioning or new.time_conditioning))]
   diffs = [(n, getattr(new, n), getattr(src, n)) for n in names
            if getattr(new, n) != getattr(src, n)]
   if new.ff_dim != src.ff_dim and new.d_ff != src.d_ff:
     diffs.append(("d_ff", new.d_ff, src.d_ff))  # 0: the default width
+  if new.kv_heads != src.kv_heads and new.num_kv_heads != src.num_kv_heads:
+    diffs.append(("num_kv_heads", new.num_kv_heads, src.num_kv_heads))  # 0: num_heads
   return diffs
 
 

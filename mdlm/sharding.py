@@ -7,12 +7,15 @@ runs on one CPU (a 1x1x1 mesh), 8 GPUs or a TPU pod: only the mesh sizes change.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
@@ -57,12 +60,25 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int | None = None
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The (data, fsdp, tensor) mesh over `devices` (default: all), laid out on the physical
+  topology by jax's mesh_utils. Devices of several TPU slices (multi-slice) put the slices on the
+  data axis, so only data parallelism crosses the slower data-center network."""
+  devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(data, fsdp, tensor, len(devices))
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:
+    if shape[0] % slices:
+      raise ValueError(
+          f"The devices span {slices} slices, and the data axis spans the slices: mesh.data="
+          f"{shape[0]} must be a multiple of {slices} (fsdp and tensor stay within a slice).")
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (shape[0] // slices,) + shape[1:], (slices, 1, 1), devices,
+        allow_split_physical_axes=True)
+  else:
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   # Auto axes: XLA's sharding propagation places the activations; parameters and batches carry
   # explicit NamedShardings from the rules table.
-  auto = (jax.sharding.AxisType.Auto,) * len(AXES)
-  return jax.make_mesh(shape, AXES, devices=devices, axis_types=auto)
+  return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
 def rules_dict(rules: Sequence[Sequence[Any]]) -> dict[str, Any]:
@@ -127,3 +143,31 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   """Assembles each process's rows into globally sharded arrays."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
           for k, v in local_batch.items()}
+
+
+# The mesh whose batch axes shard the activations of the step being traced (see
+# `activation_sharding`); None: leave the activations to XLA's sharding propagation.
+_ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("mdlm_activation_mesh",
+                                                                  default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+  """While a step is traced under this context, `constrain_batch` pins the model's activations to
+  the batch sharding. Without it XLA's propagation may follow the parameters' fsdp sharding of
+  the embedding axis instead of the batch's, and hold whole-batch activations on every device
+  (on an fsdp mesh several times the memory of the same step on a data mesh)."""
+  token = _ACTIVATION_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def constrain_batch(x):
+  """x with its leading (batch) axis sharded over the batch mesh axes and the rest replicated,
+  inside `activation_sharding`; x unchanged outside it or when the batch does not divide."""
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None or batch_divisor(mesh) == 1 or x.shape[0] % batch_divisor(mesh):
+    return x
+  return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim))

@@ -15,6 +15,7 @@ existing run directory exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -71,8 +72,9 @@ def make_optimizer(o: config_lib.OptimConfig, total_steps: int) -> optax.Gradien
   # The clip stage is always present so the optimizer state has one structure whatever the
   # settings (a checkpoint stays loadable when only the clip value changes).
   parts = [optax.clip_by_global_norm(o.grad_clip if o.grad_clip > 0 else float("inf"))]
+  mu_dtype = None if o.mu_dtype == "float32" else jnp.dtype(o.mu_dtype)  # None: the params'
   parts.append(optax.adamw(lr_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
-                           weight_decay=o.weight_decay, mask=decay_mask))
+                           mu_dtype=mu_dtype, weight_decay=o.weight_decay, mask=decay_mask))
   return optax.chain(*parts)
 
 
@@ -133,19 +135,30 @@ def init_state(spec: ModelSpec, tx, seed: int, mesh, params=None, objective_stat
   optimizer state, step and RNG are always fresh and the EMA starts at the parameters.
   objective_state: {objective name: its initial state} of stateful objectives."""
 
-  def init(loaded):
-    params = (loaded if loaded is not None
-              else nnx.to_pure_dict(nnx.state(models.build(spec.cfg, seed=seed))))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-             "ema": params, "rng": jax.random.key_data(jax.random.key(seed))}
-    if objective_state:
-      state["objective"] = objective_state
-    return state
-
+  init = functools.partial(_initial_state, spec, tx, seed, objective_state=objective_state)
   shardings = state_shardings(spec, tx, mesh, objective_state)
   if params is not None:  # donated: a fine-tune holds no third copy of the weights
     return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params), shardings
   return jax.jit(init, out_shardings=shardings)(spec.initial_params), shardings
+
+
+def _initial_state(spec: ModelSpec, tx, seed: int, loaded, objective_state=None):
+  params = (loaded if loaded is not None
+            else nnx.to_pure_dict(nnx.state(models.build(spec.cfg, seed=seed))))
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+           "ema": params, "rng": jax.random.key_data(jax.random.key(seed))}
+  if objective_state:
+    state["objective"] = objective_state
+  return state
+
+
+def abstract_state(spec: ModelSpec, tx, mesh, objective_state=None):
+  """(the train state as ShapeDtypeStructs carrying their shardings, the shardings): what
+  `init_state` would create, without allocating it (ahead-of-time compilation)."""
+  shardings = state_shardings(spec, tx, mesh, objective_state)
+  shapes = jax.eval_shape(lambda: _initial_state(spec, tx, 0, None, objective_state))
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      shapes, shardings), shardings
 
 
 def state_shardings(spec: ModelSpec, tx, mesh, objective_state=None):
@@ -175,6 +188,7 @@ def make_train_step(spec: ModelSpec, tx, objective: objectives.Objective, ema_de
   use_dropout = spec.cfg.dropout > 0
   stateful = objective.stateful
 
+  @sharding.activation_sharding(mesh)
   def step_fn(state, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     obj_state = state.get("objective", {}).get(objective.name)
@@ -306,7 +320,7 @@ def _check_resume_config(cfg: Config, run: RunDir) -> None:
   for section in ("model", "tokenizer"):
     a, b = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(cfg, section))
     diffs += [f"{section}.{k}: {a[k]!r} -> {b[k]!r}" for k in a
-              if a[k] != b[k] and k not in ("vocab_size", "dropout", "attention_impl", "name")]
+              if a[k] != b[k] and k not in ("vocab_size", "dropout", "attention_impl", "name", "remat")]
   if saved.data.seq_len != cfg.data.seq_len:
     diffs.append(f"data.seq_len: {saved.data.seq_len} -> {cfg.data.seq_len}")
   if diffs:
@@ -330,9 +344,10 @@ def _resume_policy(cfg: Config, run: RunDir) -> bool:
   return has_ckpt and tc.resume != "never"
 
 
-def _mesh(cfg: Config):
-  """The device mesh and rules, checked against the devices and the batch before any data work."""
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+def make_mesh(cfg: Config, devices=None):
+  """The device mesh and rules, checked against the devices (default: all of them) and the batch
+  before any data work."""
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
   rules = sharding.rules_dict(cfg.mesh.rules)
   divisor = sharding.batch_divisor(mesh)
   if cfg.train.batch_size % divisor or cfg.train.batch_size % jax.process_count():
@@ -419,7 +434,7 @@ def prepare(cfg: Config, run: RunDir, overrides: tuple = ()) -> Prepared:
   (`overrides`: the command line of this start, appended to the run's overrides.yaml)."""
   tc = cfg.train
   resuming = _resume_policy(cfg, run)
-  mesh, rules = _mesh(cfg)
+  mesh, rules = make_mesh(cfg)
   source = None  # train.init_from: the run whose weights and tokenizer this one starts from
   if tc.init_from and resuming:
     log.info("train.init_from=%s is ignored: %s holds this run's own checkpoints; resuming from "

@@ -188,6 +188,9 @@ def test_shape_diffs():
   assert finetune.shape_diffs(m.replace(d_ff=256), m) == []  # the default width, spelled out
   assert finetune.shape_diffs(m.replace(dropout=0.1, dtype="bfloat16", kind="ar"), m) == []
   assert finetune.shape_diffs(m.replace(d_model=128), m) == [("d_model", 128, 64)]
+  assert finetune.shape_diffs(m.replace(num_kv_heads=4), m) == []  # num_heads, spelled out
+  assert finetune.shape_diffs(m.replace(num_kv_heads=2), m) == [("num_kv_heads", 2, 0)]
+  assert finetune.shape_diffs(m.replace(scan_layers=True), m) == [("scan_layers", True, False)]
   assert finetune.shape_diffs(m.replace(max_seq_len=256, vocab_size=260), m) == [
       ("vocab_size", 260, 259)]  # no parameter depends on the length (rotary positions)
   tc = m.replace(time_conditioning=True)

@@ -1,13 +1,19 @@
-"""The transformer backbone: counts, logical axes, causality, padding, dtypes, bad input."""
+"""The transformer backbone: counts, presets, logical axes, grouped-query attention, causality,
+padding, dtypes, bad input."""
+
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from omegaconf import OmegaConf
 
 from mdlm import models
-from mdlm.models import presets
+from mdlm.config import ModelConfig
+from mdlm.models import ar, presets
+from tests.helpers import REPO
 
 V = 37
 
@@ -21,7 +27,8 @@ def n_params(model):
 
 
 @pytest.mark.parametrize("kw", [{}, {"time_conditioning": True}, {"mlp": "swiglu"},
-                                {"tie_embeddings": True, "norm": "rmsnorm"}])
+                                {"tie_embeddings": True, "norm": "rmsnorm"},
+                                {"num_kv_heads": 2}, {"num_kv_heads": 1, "mlp": "swiglu"}])
 def test_param_count_matches_closed_form(kw):
   cfg = tiny(**kw)
   assert n_params(models.build(cfg)) == presets.count_params(cfg)["total"]
@@ -44,16 +51,78 @@ def test_preset_counts():
   assert llada["total"] == pytest.approx(8.02e9, abs=0.005e9)
   assert llada["non_embedding"] == pytest.approx(6.98e9, abs=0.005e9)
   assert llada["non_embedding"] == 32 * (4 * 4096**2 + 3 * 4096 * 12288 + 2 * 4096) + 4096
+  # LLaDA-1B's: 1.49B total, 0.97B without the embedding and head (4 of 32 heads for K and V).
+  llada = presets.count_params(presets.get("1b"), vocab_size=presets.LLADA_VOCAB - 1)
+  assert llada["total"] == 1_487_241_216
+  assert llada["non_embedding"] == 969_246_720
+  assert round(llada["total"] / 1e9, 2) == 1.49 and round(llada["non_embedding"] / 1e9, 2) == 0.97
+  attn = 2 * 2048**2 + 2 * 2048 * (4 * 64)  # queries and output; keys and values of 4 heads
+  assert llada["non_embedding"] == 22 * (attn + 3 * 2048 * 5634 + 2 * 2048) + 2048
+
+
+def test_preset_yamls_match_the_presets():
+  """configs/model/<name>.yaml sets the same ModelConfig as presets.PRESETS[name]."""
+  for name, preset in presets.PRESETS.items():
+    path = os.path.join(REPO, "configs", "model", f"{name}.yaml")
+    assert os.path.exists(path), path
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                              OmegaConf.load(path)))
+    assert cfg == preset, name
 
 
 def test_every_parameter_has_logical_axes():
-  for cfg in (tiny(time_conditioning=True, mlp="swiglu"), tiny(kind="ar")):
+  for cfg in (tiny(time_conditioning=True, mlp="swiglu"), tiny(kind="ar"), tiny(num_kv_heads=2)):
     specs = nnx.get_partition_spec(nnx.state(models.build(cfg), nnx.Param))
     leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     params = jax.tree.leaves(nnx.state(models.build(cfg), nnx.Param))
     assert len(leaves) == len(params)
     for spec, p in zip(leaves, params):
       assert len(spec) == np.ndim(p) and all(isinstance(a, str) for a in spec), spec
+
+
+def _as_multi_head(gqa, kv_head_of):
+  """The multi-head model with `gqa`'s parameters, query head i reading key/value head
+  kv_head_of[i] (its key and value projections copied into w_qkv's head i)."""
+  mha = models.build(gqa.cfg.replace(num_kv_heads=0), seed=1)
+  params = nnx.to_pure_dict(nnx.state(gqa, nnx.Param))
+  for block in params["blocks"].values():
+    attn = block["attn"]
+    w_q, w_kv = attn.pop("w_q"), attn.pop("w_kv")
+    attn["w_qkv"] = jnp.stack([w_q, w_kv[:, 0, kv_head_of], w_kv[:, 1, kv_head_of]], axis=1)
+  state = nnx.state(mha, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(mha, state)
+  return mha
+
+
+@pytest.mark.parametrize("kind", ["denoiser", "ar"])
+def test_grouped_query_attention_is_repeated_key_value_heads(kind):
+  """4 query heads over 2 key/value heads equal multi-head attention whose head i has the keys
+  and values of kv head i // 2; the KV-cached AR decoder agrees too."""
+  gqa = models.build(tiny(kind=kind, num_kv_heads=2, mlp="swiglu", norm="rmsnorm"))
+  attn = gqa.blocks[0].attn
+  assert attn.w_q.shape == (64, 4, 16) and attn.w_kv.shape == (64, 2, 2, 16)
+  assert not hasattr(attn, "w_qkv")
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, V)
+  logits = gqa(tokens)
+  mha = _as_multi_head(gqa, np.arange(4) // 2)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(mha(tokens)), atol=1e-5, rtol=1e-5)
+  # The grouping matters: heads (0, 1, 0, 1) instead of (0, 0, 1, 1) compute something else.
+  other = _as_multi_head(gqa, np.arange(4) % 2)
+  assert not np.allclose(np.asarray(logits), np.asarray(other(tokens)), atol=1e-3)
+  if kind == "ar":
+    assert ar.init_cache(gqa, 2, 16).k[0].shape == (2, 16, 2, 16)  # kv_heads heads cached
+    np.testing.assert_allclose(np.asarray(ar.cached_logits(gqa, tokens, prompt_len=5)),
+                               np.asarray(logits), atol=1e-4, rtol=1e-4)
+
+
+def test_num_kv_heads_equal_to_num_heads_is_multi_head_attention():
+  """num_kv_heads=num_heads spelled out is the default multi-head model: one w_qkv, drawn the
+  same way, so its checkpoints load either way."""
+  a = nnx.to_pure_dict(nnx.state(models.build(tiny()), nnx.Param))
+  b = nnx.to_pure_dict(nnx.state(models.build(tiny(num_kv_heads=4)), nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert a["blocks"][0]["attn"]["w_qkv"].shape == (64, 3, 4, 16)
 
 
 def test_ar_model_is_causal_and_denoiser_is_not():
@@ -186,6 +255,10 @@ def test_bad_input():
     model(jnp.zeros((4,), jnp.int32))
   with pytest.raises(ValueError, match="divisible"):
     presets.custom(2, 66, 4)
+  with pytest.raises(ValueError, match="num_heads=4 is not divisible by num_kv_heads=3"):
+    tiny(num_kv_heads=3)
+  with pytest.raises(ValueError, match="num_kv_heads must be >= 0"):
+    tiny(num_kv_heads=-1)
   with pytest.raises(ValueError, match="Unknown model preset"):
     presets.get("huge")
   with pytest.raises(ValueError, match="vocab_size"):

@@ -21,7 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from mdlm import config as config_lib
-from mdlm import evaluate, sample, train
+from mdlm import aot, evaluate, sample, train
 from mdlm.data import prepare
 from mdlm.sampling import config as sample_config
 from mdlm.scaling import __main__ as scaling_cli
@@ -37,6 +37,9 @@ TINY_TRAIN = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2",
 TINY_SAMPLE = ["num_samples=2", "batch_size=2", "sampler.steps=4", "print_samples=false",
                "progress=false"]
 TINY_EVAL = ["batch_size=8", "progress=false"]
+# Appended to every mdlm.aot command: the same target, mesh and batch, a one-layer model.
+TINY_AOT = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=0",
+            "model.d_ff=64", "model.vocab_size=100", "data.seq_len=32"]
 BENCH_ARGS = {
     "bench_models.py": ["--presets", "tiny", "--repeats", "1", "--batch", "2", "--seq-len", "16",
                         "--vocab", "64"],
@@ -120,6 +123,7 @@ def _compose(config_name, overrides):
   config_lib.register_configs()
   sample_config.register_configs()
   evaluate.register_configs()
+  aot.register_configs()
   with initialize_config_dir(config_dir=CONFIGS, version_base=None):
     node = compose(config_name, overrides=overrides)
   obj = OmegaConf.to_object(node)
@@ -158,6 +162,10 @@ def _run(command, world, tmp_path):
     cfg = _compose("sample", overrides + [f"output={tmp_path / 'samples.jsonl'}"])
     summary = sample.run(sample_config.validate(cfg))
     assert summary["num_samples"] == 2
+  elif argv[:3] == ["python", "-m", "mdlm.aot"]:
+    overrides = argv[3:] + TINY_AOT + [f"aot.output={tmp_path / 'aot.json'}"]
+    report = aot.run(_compose("aot", overrides))
+    assert report["memory_per_device"]["peak"] > 0 and report["fits"]
   elif argv[:3] == ["python", "-m", "mdlm.data.prepare"]:
     assert prepare.main(argv[3:] + ["--overwrite"]) == 0
   elif argv[:3] == ["python", "-m", "mdlm.scaling"]:

@@ -899,6 +899,9 @@ def notebook_runs(tmp_path_factory):
   return tmp_path_factory.mktemp("notebook_runs")
 
 
+# One xdist group: both notebooks run on one worker, so the second reuses the runs the first
+# trained (apart, each worker would train them).
+@pytest.mark.xdist_group("notebooks")
 @pytest.mark.parametrize("name", ["sampling", "infilling"])
 def test_notebooks_execute(notebook_runs, name):
   """Runs a notebook top to bottom in the small setting (20 training steps, fewer samples and

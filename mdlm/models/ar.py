@@ -27,7 +27,8 @@ from mdlm import categorical
 
 
 class KVCache(NamedTuple):
-  """Per-layer keys and values, each [B, S, N, H] in the compute dtype (rotary already applied)."""
+  """Per-layer keys and values, each [B, S, K, H] in the compute dtype (rotary already applied;
+  K = cfg.kv_heads, fewer than the query heads under grouped-query attention)."""
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
@@ -49,12 +50,12 @@ def check_causal(model: Transformer) -> None:
 
 
 def init_cache(model: Transformer, batch_size: int, length: int) -> KVCache:
-  """An all-zero cache of static shape [B, length, N, H] per layer."""
+  """An all-zero cache of static shape [B, length, K, H] per layer (K = cfg.kv_heads)."""
   cfg = model.cfg
   if not 1 <= length <= cfg.max_seq_len:
     raise ValueError(f"cache length {length} must lie in [1, max_seq_len={cfg.max_seq_len}]; "
                      "decode fewer tokens or build the model with a larger max_seq_len.")
-  shape = (batch_size, length, cfg.num_heads, cfg.head_dim)
+  shape = (batch_size, length, cfg.kv_heads, cfg.head_dim)
   zeros = tuple(jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.num_layers))
   return KVCache(zeros, zeros)
 
@@ -80,7 +81,7 @@ def prefill(model: Transformer, tokens_BxP, cache: KVCache):
   positions_P = jnp.arange(length)
   x = model.embed_tokens(tokens_BxP)
   new_k, new_v = [], []
-  for i, block in enumerate(model.blocks):
+  for i, block in enumerate(model.layers()):
     def attend(q, k, v, block=block, i=i):
       out = block.attn.attend(q, k, v, None, True)
       k_cache = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), (0, 0, 0, 0))
@@ -103,7 +104,7 @@ def decode_step(model: Transformer, cache: KVCache, token_B, position):
   visible_1x1x1xS = (jnp.arange(cache.length) <= position)[None, None, None, :]
   x = model.embed_tokens(jnp.asarray(token_B)[:, None])
   new_k, new_v = [], []
-  for i, block in enumerate(model.blocks):
+  for i, block in enumerate(model.layers()):
     def attend(q, k, v, i=i, block=block):
       k_cache = jax.lax.dynamic_update_slice(
           cache.k[i], k.astype(cache.k[i].dtype), (0, position, 0, 0))

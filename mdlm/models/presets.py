@@ -34,6 +34,12 @@ PRESETS: dict[str, ModelConfig] = {
     # 8.02B total and 6.98B non-embedding parameters.
     "8b": ModelConfig(name="8b", num_layers=32, d_model=4096, num_heads=32, d_ff=12288,
                       mlp="swiglu", norm="rmsnorm", max_seq_len=4096),
+    # LLaDA-1B's shape (the same Table 5): 22 layers, d=2048, 32 heads sharing 4 key/value heads
+    # (grouped-query attention), SwiGLU FFN 5,634, RMSNorm, RoPE, untied embedding and head,
+    # 4,096-token context. With LLaDA's vocabulary (vocab_size=LLADA_VOCAB - 1, as for 8b) the
+    # counts are the paper's 1.49B total and 0.97B non-embedding parameters.
+    "1b": ModelConfig(name="1b", num_layers=22, d_model=2048, num_heads=32, num_kv_heads=4,
+                      d_ff=5634, mlp="swiglu", norm="rmsnorm", max_seq_len=4096),
 }
 
 LLADA_VOCAB = 126_464  # LLaDA's tokenizer, its mask token included
@@ -60,7 +66,8 @@ def count_params(cfg: ModelConfig, vocab_size: int | None = None) -> dict[str, i
   """Closed-form parameter counts (checked against the built model in the tests)."""
   v = vocab_size if vocab_size is not None else cfg.vocab_size
   d, f, c, n = cfg.d_model, cfg.ff_dim, cfg.cond_dim, cfg.num_layers
-  attn = 3 * d * d + d * d
+  kv = 2 * d * cfg.kv_heads * cfg.head_dim  # keys and values: fewer heads under GQA
+  attn = d * d + kv + d * d  # queries, keys and values, output
   mlp = (2 * d * f if cfg.mlp == "swiglu" else d * f) + f * d
   norms = 2 * d
   ada = (c * 6 * d + 6 * d) if cfg.time_conditioning else 0

@@ -2,7 +2,9 @@
 
 Every parameter carries logical axis names (metadata `sharding_names`), so the trainer shards the
 model over a (data, fsdp, tensor) mesh with a rules table alone (see `mdlm.sharding`). Parameters
-are float32; activations use `cfg.dtype`; the output logits are float32.
+are float32 unless `cfg.param_dtype` says otherwise; activations use `cfg.dtype`; the output
+logits are float32. `cfg.remat` and `cfg.scan_layers` trade memory and compile time for nothing
+in the numbers.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mdlm import sharding
 from mdlm.config import ModelConfig
 
 # Logical axis names used by the parameters.
-EMBED, MLP, HEADS, KV, VOCAB, QKV, COND, MOD = (
-    "embed", "mlp", "heads", "kv", "vocab", "qkv", "cond", "modulation")
+EMBED, MLP, HEADS, KV, VOCAB, QKV, COND, MOD, LAYERS = (
+    "embed", "mlp", "heads", "kv", "vocab", "qkv", "cond", "modulation", "layers")
 
 
 def _param(rngs: nnx.Rngs, init, shape, axes):
@@ -140,18 +143,33 @@ def dropout(x, rate, key):
 
 
 class Attention(nnx.Module):
+  """Multi-head attention (one `w_qkv`), or grouped-query attention (Ainslie et al. 2023, "GQA")
+  when cfg.kv_heads < cfg.num_heads: `w_q` for the num_heads query heads and `w_kv` for the
+  kv_heads key/value heads, query head i reading key/value head i // (num_heads / kv_heads)
+  (jax.nn.dot_product_attention's grouping).
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    d, n, h = cfg.d_model, cfg.num_heads, cfg.head_dim
-    self.w_qkv = _param(rngs, _dense_init(d), (d, 3, n, h), (EMBED, QKV, HEADS, KV))
+    d, n, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.kv_heads
+    if k == n:
+      self.w_qkv = _param(rngs, _dense_init(d), (d, 3, n, h), (EMBED, QKV, HEADS, KV))
+    else:
+      self.w_q = _param(rngs, _dense_init(d), (d, n, h), (EMBED, HEADS, KV))
+      self.w_kv = _param(rngs, _dense_init(d), (d, 2, k, h), (EMBED, QKV, HEADS, KV))
     self.w_out = _param(rngs, _dense_init(d), (n, h, d), (HEADS, KV, EMBED))
 
   def qkv(self, x_BxLxD, positions_L):
+    """q [B, L, num_heads, H] and k, v [B, L, kv_heads, H], rotary applied to q and k."""
     # One GEMM per projection: flattening (3, n, h) into one output dimension would put the
     # (tensor-sharded) heads axis inside it and force a resharding of the weight.
-    w_Dx3xNxH = self.w_qkv[...]
-    q, k, v = (dense(x_BxLxD, w_Dx3xNxH[:, i]) for i in range(3))
+    if self.cfg.kv_heads == self.cfg.num_heads:
+      w_Dx3xNxH = self.w_qkv[...]
+      q, k, v = (dense(x_BxLxD, w_Dx3xNxH[:, i]) for i in range(3))
+    else:
+      w_Dx2xKxH = self.w_kv[...]
+      q = dense(x_BxLxD, self.w_q[...])
+      k, v = (dense(x_BxLxD, w_Dx2xKxH[:, i]) for i in range(2))
     theta = self.cfg.rope_theta
     return rotary(q, positions_L, theta), rotary(k, positions_L, theta), v
 
@@ -227,6 +245,22 @@ class Block(nnx.Module):
     return x + gate2 * dropout(self.mlp(h), rate, keys[1])
 
 
+# jax.checkpoint's policy per ModelConfig.remat: what the backward pass may keep ("full": nothing,
+# the block is recomputed from its input).
+REMAT_POLICIES = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs):
+  """cfg.num_layers blocks as one Block whose parameters carry a leading "layers" axis."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+  def build(rngs):
+    return Block(cfg, rngs=rngs)
+
+  return build(rngs)
+
+
 def timestep_embedding(noise_B, dim, max_period=10000.0):
   """Sinusoidal features of the noise level (scaled to [0, 1000] like DiT's timesteps)."""
   half = dim // 2
@@ -251,7 +285,10 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     d, v = cfg.d_model, cfg.vocab_size
     self.embed = _param(rngs, _normal(1.0), (v + 1, d), (VOCAB, EMBED))
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.blocks = _stacked_blocks(cfg, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = Norm(cfg, rngs=rngs)
     if cfg.time_conditioning:
       c = cfg.cond_dim
@@ -264,6 +301,11 @@ class Transformer(nnx.Module):
       self.head = None
     else:
       self.head = _param(rngs, _dense_init(d), (d, v), (EMBED, VOCAB))
+    if cfg.param_dtype != "float32":  # drawn in float32 (the same values, rounded)
+      dtype = jnp.dtype(cfg.param_dtype)
+      for _, var in nnx.iter_graph(self):
+        if isinstance(var, nnx.Param):
+          var.set_value(var.get_value().astype(dtype))
 
   @property
   def mask_id(self) -> int:
@@ -326,8 +368,31 @@ class Transformer(nnx.Module):
     if token_mask_BxL is not None:
       mask = jnp.asarray(token_mask_BxL, bool)[:, None, None, :]
     positions_L = jnp.arange(length)
-    x = self.embed_tokens(tokens_BxL)
-    for i, block in enumerate(self.blocks):
-      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      x = block(x, positions_L, mask, cond, key, causal)
+    x = sharding.constrain_batch(self.embed_tokens(tokens_BxL))
+
+    def apply_block(block, x, key):
+      return sharding.constrain_batch(block(x, positions_L, mask, cond, key, causal))
+
+    if self.cfg.remat != "none":
+      apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.cfg.remat])
+    layer_keys = None
+    if dropout_key is not None:
+      layer_keys = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(
+          jnp.arange(self.cfg.num_layers))
+    if self.cfg.scan_layers:
+      scan = nnx.scan(apply_block, in_axes=(0, nnx.Carry, None if layer_keys is None else 0),
+                      out_axes=nnx.Carry)
+      x = scan(self.blocks, x, layer_keys)
+    else:
+      for i, block in enumerate(self.blocks):
+        x = apply_block(block, x, None if layer_keys is None else layer_keys[i])
     return self.final_hidden(x, cond)
+
+  def layers(self) -> list:
+    """The blocks in order, as separate modules also when they are stacked (scan_layers): for
+    code that runs them one at a time (the AR model's KV-cached decoding)."""
+    if not self.cfg.scan_layers:
+      return list(self.blocks)
+    graphdef, state = nnx.split(self.blocks)
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            for i in range(self.cfg.num_layers)]

@@ -214,6 +214,9 @@ def lower_train_step(cfg: config_lib.Config, devices):
   model_cfg = cfg.model.replace(vocab_size=vocab_size(cfg))
   spec = train.model_spec(model_cfg, mesh, rules)
   first = objectives.run_objectives(cfg)[0]
+  if objectives.get(first.name).given_runs(first):
+    raise AotError(f"objective={first.name} trains a head over trained runs, whose weights this "
+                   "planner does not load; compile the backbones' own configs instead.")
   needs_classes = objectives.get(first.name).needs_token_classes(first, cfg)
   classes = np.zeros(model_cfg.vocab_size, np.int32) if needs_classes else None  # shape only
   setup = objectives.make_setup(cfg, model_cfg.vocab_size, None, classes)

@@ -185,6 +185,13 @@ def test_a_mesh_or_batch_that_does_not_fit_the_topology_is_refused():
                           aot=aot.AotSettings(target="v5e-4", slices=2)))
 
 
+def test_an_objective_over_trained_runs_is_refused():
+  cfg = tiny_config(objective="maria")
+  cfg.objective.denoiser_run, cfg.objective.ar_run = "/nonexistent/a", "/nonexistent/b"
+  with pytest.raises(aot.AotError, match="objective=maria"):
+    aot.lower_train_step(cfg, jax.devices())
+
+
 def test_cli_refuses_an_unknown_target_before_compiling(tmp_path):
   out = tmp_path / "r.json"
   proc = run_python(["-m", "mdlm.aot", "aot.target=v9-8", f"aot.output={out}"], timeout=120)

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the train step: `python -m mdlm.aot [train overrides] aot.target=...`.
+"""Ahead-of-time compilation of the train step: `python -m mdlm.aot [overrides] aot.target=...`.
 
 The trainer's own jitted step (`mdlm.train.make_train_step`: its in/out shardings, the donated
 state, the configured objective, gradient accumulation) is lowered and compiled for a target
@@ -17,7 +17,6 @@ time predicted at a stated MFU (`aot.mfu`).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import logging
@@ -38,6 +37,7 @@ from omegaconf import OmegaConf
 
 from mdlm import cli, objectives, sharding, train
 from mdlm import config as config_lib
+from mdlm.data import tokenizers
 from mdlm.models import presets
 
 log = logging.getLogger("mdlm.aot")
@@ -191,7 +191,7 @@ def vocab_size(cfg: config_lib.Config) -> int:
   if cfg.tokenizer.kind == "sentencepiece" and not cfg.tokenizer.model_path:
     return cfg.tokenizer.vocab_size
   if cfg.tokenizer.kind == "byte":
-    return 259
+    return tokenizers.ByteTokenizer().vocab_size
   raise AotError(f"tokenizer.kind={cfg.tokenizer.kind} takes its vocabulary from data; set "
                  "model.vocab_size=<V> to compile without it.")
 
@@ -208,8 +208,8 @@ def abstract_batch(cfg: config_lib.Config, mesh) -> dict:
 
 
 def lower_train_step(cfg: config_lib.Config, devices):
-  """(the lowered step of the run's first objective, the abstract state, the model config):
-  the trainer's step, built the way `mdlm.train.prepare` builds it."""
+  """(the lowered step of the run's first objective, the abstract state, the model config, the
+  mesh): the trainer's step, built the way `mdlm.train.prepare` builds it."""
   mesh, rules = train.make_mesh(cfg, devices)
   model_cfg = cfg.model.replace(vocab_size=vocab_size(cfg))
   spec = train.model_spec(model_cfg, mesh, rules)
@@ -226,28 +226,26 @@ def lower_train_step(cfg: config_lib.Config, devices):
   state, shardings = train.abstract_state(spec, tx, mesh, objective_state)
   step = train.make_train_step(spec, tx, objective, cfg.optim.ema, cfg.optim.grad_accum,
                                shardings, mesh, train.lr_schedule(cfg.optim, cfg.train.steps))
-  return step.lower(state, abstract_batch(cfg, mesh)), state, model_cfg
+  return step.lower(state, abstract_batch(cfg, mesh)), state, model_cfg, mesh
+
+
+def _bytes_per_device(x: jax.ShapeDtypeStruct) -> int:
+  return math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
 
 
 def largest_arrays(state, top: int) -> list[dict]:
   """The `top` largest arrays of the state: their shape, sharding and bytes per device."""
-  rows = []
-  for path, x in jax.tree_util.tree_leaves_with_path(state):
-    shard = x.sharding.shard_shape(x.shape)
-    rows.append({"name": jax.tree_util.keystr(path, simple=True, separator="/"),
-                 "shape": list(x.shape), "dtype": str(x.dtype), "spec": str(x.sharding.spec),
-                 "bytes_per_device": int(math.prod(shard)) * np.dtype(x.dtype).itemsize})
+  rows = [{"name": jax.tree_util.keystr(path, simple=True, separator="/"),
+           "shape": list(x.shape), "dtype": str(x.dtype), "spec": str(x.sharding.spec),
+           "bytes_per_device": _bytes_per_device(x)}
+          for path, x in jax.tree_util.tree_leaves_with_path(state)]
   rows.sort(key=lambda r: -r["bytes_per_device"] * 1e-9 - math.prod(r["shape"]) * 1e-18)
   return rows[:top]
 
 
 def state_bytes_per_device(state) -> dict:
   """Bytes per device of each part of the state (params, opt_state, ema, ...)."""
-  out = {}
-  for part, tree in state.items():
-    out[part] = int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-                        for x in jax.tree.leaves(tree)))
-  return out
+  return {part: sum(map(_bytes_per_device, jax.tree.leaves(tree))) for part, tree in state.items()}
 
 
 def memory_report(compiled) -> dict:
@@ -279,7 +277,7 @@ def compile_report(cfg: config_lib.Config, target: Target, mfu: float = 0.4,
                    top: int = 6) -> dict:
   """Lowers and compiles the train step for `target`; returns the report (see the module doc)."""
   t0 = time.perf_counter()
-  lowered, state, model_cfg = lower_train_step(cfg, target.devices)
+  lowered, state, model_cfg, mesh = lower_train_step(cfg, target.devices)
   t1 = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -295,11 +293,9 @@ def compile_report(cfg: config_lib.Config, target: Target, mfu: float = 0.4,
   hbm = target.hbm_bytes_per_device
   predicted = (model_flops / (target.chips * target.peak_flops_per_chip * mfu)
                if target.peak_flops_per_chip else None)
-  mesh = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
-  mesh = dict(zip(sharding.AXES, sharding.mesh_shape(*mesh.values(), len(target.devices))))
   return {
       "target": target.name, "devices": len(target.devices), "chips": target.chips,
-      "mesh": mesh, "model": model_cfg.name, "params": counts["total"],
+      "mesh": dict(mesh.shape), "model": model_cfg.name, "params": counts["total"],
       "non_embedding_params": counts["non_embedding"], "batch_size": cfg.train.batch_size,
       "seq_len": cfg.data.seq_len, "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
       "mu_dtype": cfg.optim.mu_dtype, "remat": model_cfg.remat,
@@ -369,10 +365,8 @@ def run(cfg: AotConfig) -> dict:
   s = cfg.aot
   if not 0.0 < s.mfu <= 1.0:
     raise AotError(f"aot.mfu={s.mfu} must lie in (0, 1].")
-  base = config_lib.validate(config_lib.Config(
-      **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(config_lib.Config)}))
-  target = make_target(s)
-  report = compile_report(base, target, s.mfu, s.top)
+  cfg = config_lib.validate(cfg)
+  report = compile_report(cfg, make_target(s), s.mfu, s.top)
   output = s.output or default_output(cfg, report)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, "w") as f:

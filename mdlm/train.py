@@ -317,10 +317,10 @@ def _check_resume_config(cfg: Config, run: RunDir) -> None:
     return
   saved = run.load_config()
   diffs = []
+  free = ("vocab_size", "dropout", "attention_impl", "name", "remat")  # change no parameter
   for section in ("model", "tokenizer"):
     a, b = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(cfg, section))
-    diffs += [f"{section}.{k}: {a[k]!r} -> {b[k]!r}" for k in a
-              if a[k] != b[k] and k not in ("vocab_size", "dropout", "attention_impl", "name", "remat")]
+    diffs += [f"{section}.{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k] and k not in free]
   if saved.data.seq_len != cfg.data.seq_len:
     diffs.append(f"data.seq_len: {saved.data.seq_len} -> {cfg.data.seq_len}")
   if diffs:

@@ -73,12 +73,12 @@ def gib(x):
 
 
 def row(label, r):
-  mem = r["memory_per_device"]
+  mem, state = r["memory_per_device"], r["state_per_device"]
   fits = "yes" if r["fits"] else "**no**"
   step = r["predicted_step_seconds"]
   return (f"| {label} | {r['devices']} | {r['mesh']['data']}x{r['mesh']['fsdp']}x"
           f"{r['mesh']['tensor']} | {r['batch_size']}x{r['seq_len']} | "
-          f"{gib(r['state_per_device']['params'] + r['state_per_device']['opt_state'] + r['state_per_device']['ema'])} | "
+          f"{gib(state['params'] + state['opt_state'] + state['ema'])} | "
           f"{gib(mem['temporaries'])} | {gib(mem['peak'])} | {gib(r['hbm_per_device'])} | {fits} | "
           f"{r['compile_seconds']:.0f} | {step:.2f} |")
 
@@ -106,7 +106,8 @@ def main():
             rows.append(row(f"{model} on {target}, {mesh}", r))
   lever_rows = []
   for label, extra in LEVERS.items():
-    name, cli = cell("8b", "v5p-256", "fsdp", extra, tag="lever-" + label.split(" (")[0])
+    tag = "lever-" + label if extra else None  # the base setting is the main table's cell
+    name, cli = cell("8b", "v5p-256", "fsdp", extra, tag=tag)
     r = compile_cell(name, cli)
     if r is not None:
       lever_rows.append(row(label, r))
@@ -114,8 +115,9 @@ def main():
   with open(os.path.join(HERE, "results.md"), "w") as f:
     f.write("# Ahead-of-time compilation: memory per device and compile time\n\n"
             "`python experiments/aot/run.py` (one `python -m mdlm.aot` per cell, libtpu "
-            "compile-only TPU clients on a 2-core CPU; load average at the end "
-            f"{load[0]:.2f}). bf16 compute, float32 parameters and AdamW state, remat=full, "
+            "compile-only TPU clients on a 2-core CPU; load average when this file was written "
+            f"{load[0]:.2f}, and compile times vary with the load: see experiments/README.md). "
+            "bf16 compute, float32 parameters and AdamW state, remat=full, "
             "scanned layers, MDLM objective. State = parameters + AdamW + EMA per device. "
             "Peak = arguments + outputs - donated + temporaries + code, as XLA plans it. The "
             "step time assumes 40% MFU of the chip's bf16 peak for the model's FLOPs "

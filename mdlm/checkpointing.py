@@ -56,6 +56,40 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_iterator, meta: dict
   return True
 
 
+def save_imported(directory: str, state, meta: dict) -> None:
+  """Writes step 0 of imported weights (mdlm.convert) synchronously: the trainer's state layout
+  (params, EMA, optimizer state, step, RNG) and `meta`, which carries IMPORTED; no data-iterator
+  state, as the weights never saw this codebase's data."""
+  mgr = manager(directory, keep=1, async_save=False)
+  try:
+    mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)), force=True)
+    mgr.wait_until_finished()
+  finally:
+    mgr.close()
+
+
+IMPORTED = "imported_from"  # the meta key of a checkpoint written by save_imported
+
+
+def _refuse_imported(mgr: ocp.CheckpointManager, step: int) -> None:
+  """An imported checkpoint (no data item) is refused as a resume point instead of being taken
+  for a corrupt one and moved aside."""
+  if os.path.isdir(os.path.join(str(mgr.directory), str(step), "data")):
+    return
+  try:
+    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception:  # unreadable: the caller's own handling applies
+    return
+  if isinstance(meta, dict) and meta.get(IMPORTED):
+    run_dir = os.path.dirname(os.path.abspath(str(mgr.directory)))
+    raise CheckpointError(
+        f"Checkpoint step {step} in {mgr.directory} holds weights imported from "
+        f"{meta[IMPORTED]} (mdlm.convert), not a training run to resume. Fine-tune from it in a "
+        f"new run directory: python -m mdlm.train train.init_from={run_dir} "
+        "hydra.run.dir=<new dir> (with its model settings).")
+
+
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state, data_iterator, *,
                    unreadable_dir: str, step: Optional[int] = None):
   """Returns (step, state, meta) from the newest readable checkpoint (the data iterator is
@@ -70,6 +104,7 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state, data_iterator, *,
       raise CheckpointError(f"No checkpoint for step {step} in {mgr.directory}; have {steps}.")
     steps = [step]
   for s in steps:
+    _refuse_imported(mgr, s)
     try:
       out = mgr.restore(s, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),

@@ -22,6 +22,8 @@ MLPS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
 REMATS = ("none", "full", "dots_saveable")
+EXLM_LINKS = ("dense", "adjacent")
+TIME_INPUTS = ("noise_level", "sigma")
 
 
 @dataclasses.dataclass
@@ -45,6 +47,18 @@ class ModelConfig:
   scan_layers: the blocks' parameters stacked on a leading "layers" axis and applied by one
     `nnx.scan`, so compile time stays flat in depth (a different parameter layout: checkpoints
     of scanned and unrolled models do not load into each other).
+
+  Switches that match MDLM's DiT exactly (the published MDLM / BD3-LM checkpoints, imported by
+  `python -m mdlm.convert`); the defaults keep this codebase's own model:
+  norm_eps: the epsilon of LayerNorm / RMSNorm (the DiT: 1e-5, PyTorch's layer_norm default).
+  mlp_bias, head_bias: biases on the MLP's two projections and on the output head.
+  cond_bias: biases on the two layers of the timestep MLP.
+  cond_freq_dim: sinusoidal features of the time fed to the timestep MLP; 0 means cond_dim
+    (the DiT: 256).
+  time_input: what those features read: "noise_level" (1000 (1 - alpha)) or "sigma"
+    (-log alpha, MDLM's DiT). Callers always pass the noise level 1 - alpha; the model converts.
+  adaln_without_time: keep the adaLN modulation and the timestep MLP with time_conditioning
+    off, fed the time 0 (sigma = 0): the published checkpoints were trained that way.
   """
 
   name: str = "custom"
@@ -68,6 +82,18 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = False
+  norm_eps: float = 1e-6
+  mlp_bias: bool = False
+  head_bias: bool = False
+  cond_bias: bool = False
+  cond_freq_dim: int = 0
+  time_input: str = "noise_level"
+  adaln_without_time: bool = False
+  # ExLM (Zheng et al. 2025; mdlm.models.exlm, objective=exlm): each [MASK] of the input becomes
+  # exlm_states states (0: off, the plain transformer); exlm_links: the transitions between
+  # states, "dense" (any later state, the paper's DAG) or "adjacent" (the next [MASK]'s states).
+  exlm_states: int = 0
+  exlm_links: str = "dense"
 
   @property
   def causal(self) -> bool:
@@ -120,7 +146,44 @@ class ModelConfig:
       bad(f"dropout must lie in [0, 1), got {self.dropout}")
     if self.attention_impl not in (None, "xla", "cudnn"):
       bad(f"attention_impl must be null, 'xla' or 'cudnn', got {self.attention_impl!r}")
+    self._validate_dit_switches(bad)
+    self._validate_exlm(bad)
     return self
+
+  def _validate_exlm(self, bad) -> None:
+    if self.exlm_states < 0:
+      bad(f"exlm_states must be >= 1 for ExLM (0: off), got {self.exlm_states}")
+    if self.exlm_links not in EXLM_LINKS:
+      bad(f"exlm_links must be one of {EXLM_LINKS}, got {self.exlm_links!r}")
+    if self.exlm_states and self.kind != "denoiser":
+      bad(f"exlm_states={self.exlm_states} expands the [MASK] tokens of a bidirectional "
+          f"denoiser; kind={self.kind!r} is causal: set kind=denoiser or exlm_states=0")
+    if self.exlm_states and self.head_dim % 4:
+      bad(f"exlm_states needs head_dim % 4 == 0 for its 2D rotary positions (half of each head "
+          f"per axis), got head_dim={self.head_dim}; change d_model or num_heads")
+
+  @property
+  def conditioned(self) -> bool:
+    """Whether the model has adaLN modulation and a timestep MLP (fed the noise level when
+    time_conditioning is set, the time 0 under adaln_without_time)."""
+    return self.time_conditioning or self.adaln_without_time
+
+  @property
+  def freq_dim(self) -> int:
+    return self.cond_freq_dim or self.cond_dim
+
+  def _validate_dit_switches(self, bad) -> None:
+    if not self.norm_eps > 0.0:
+      bad(f"norm_eps must be > 0, got {self.norm_eps}")
+    if self.cond_freq_dim < 0 or self.cond_freq_dim % 2:
+      bad(f"cond_freq_dim must be even and >= 0 (0: cond_dim), got {self.cond_freq_dim}")
+    if self.time_input not in TIME_INPUTS:
+      bad(f"time_input must be one of {TIME_INPUTS}, got {self.time_input!r}")
+    if self.adaln_without_time and self.time_conditioning:
+      bad("adaln_without_time applies only with time_conditioning=false (with it on, adaLN "
+          "reads the noise level); set one of the two")
+    if self.adaln_without_time and self.kind == "ar":
+      bad("adaln_without_time is a denoiser's setting (MDLM's DiT); the AR model has no adaLN")
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
@@ -164,7 +227,9 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
   """kind: "sentencepiece" (trained in-process on the corpus, or loaded from `model_path`),
-  "byte" (256 ids + BOS/EOS/PAD) or "char" (text8-style characters of the training corpus)."""
+  "byte" (256 ids + BOS/EOS/PAD), "char" (text8-style characters of the training corpus) or
+  "gpt2" (GPT-2's byte-level BPE, read from the files in the directory `model_path`: the
+  tokenizer of the published MDLM / BD3-LM checkpoints)."""
 
   kind: str = "sentencepiece"
   vocab_size: int = 4096
@@ -484,8 +549,8 @@ def _validate_data(d: DataConfig, model: ModelConfig) -> None:
 
 
 def _validate_tokenizer_noise(t: TokenizerConfig, n: NoiseConfig) -> None:
-  _check(t.kind in ("sentencepiece", "byte", "char"),
-         f"tokenizer.kind={t.kind!r}; choose sentencepiece, byte or char")
+  _check(t.kind in ("sentencepiece", "byte", "char", "gpt2"),
+         f"tokenizer.kind={t.kind!r}; choose sentencepiece, byte, char or gpt2")
   _check(t.kind != "sentencepiece" or t.model_path or t.vocab_size >= 64,
          f"tokenizer.vocab_size={t.vocab_size} must be >= 64 to train a sentencepiece model")
   _check(t.model_type in ("bpe", "unigram"), f"tokenizer.model_type={t.model_type!r}")
@@ -576,6 +641,11 @@ def validate(cfg: Config) -> Config:
     _validate_phases(cfg)
   else:
     cfg.objective.check(cfg)
+  expands = getattr(objective_configs()[name], "expands_masks", False)  # objective=exlm
+  _check(not cfg.model.exlm_states or (expands and not cfg.train.phases),
+         f"model.exlm_states={cfg.model.exlm_states} builds ExLM's expanded-state model, which "
+         f"trains with objective=exlm alone (no train.phases); set objective=exlm (or "
+         "experiment=exlm), or model.exlm_states=0")
   used = {p.objective for p in cfg.train.phases} or {name}
   _check(any(objective_configs()[n].uses_masking for n in used) or cfg.masking.is_default,
          f"masking.* settings apply to the masked objectives, but this run trains with "

@@ -34,7 +34,8 @@ log = logging.getLogger("mdlm.finetune")
 # Fields of ModelConfig that decide the parameter shapes (with d_ff and num_kv_heads: see
 # shape_diffs).
 SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "mlp", "norm",
-                "time_conditioning", "cond_dim", "tie_embeddings", "vocab_size", "scan_layers")
+                "time_conditioning", "cond_dim", "tie_embeddings", "vocab_size", "scan_layers",
+                "mlp_bias", "head_bias", "cond_bias", "cond_freq_dim", "adaln_without_time")
 # Fields that keep the shapes but change the function the weights compute: allowed, with a warning
 # that says what changes.
 FUNCTION_FIELDS = {
@@ -44,6 +45,8 @@ FUNCTION_FIELDS = {
     "max_seq_len": "no parameter depends on it (rotary positions); positions beyond the "
                    "source's length, if any, were never trained, so fine-tune at the new "
                    "data.seq_len",
+    "norm_eps": "every normalisation divides by a slightly different scale",
+    "time_input": "the timestep MLP reads other features of the time",
 }
 
 
@@ -150,7 +153,7 @@ def shape_diffs(new: ModelConfig, src: ModelConfig) -> list[tuple[str, Any, Any]
   from a differing d_model or mlp is fixed by setting those (d_ff=0 means the default width).
   num_kv_heads likewise (0 means num_heads)."""
   names = [n for n in SHAPE_FIELDS
-           if not (n == "cond_dim" and not (src.time_conditioning or new.time_conditioning))]
+           if not (n == "cond_dim" and not (src.conditioned or new.conditioned))]
   diffs = [(n, getattr(new, n), getattr(src, n)) for n in names
            if getattr(new, n) != getattr(src, n)]
   if new.ff_dim != src.ff_dim and new.d_ff != src.d_ff:

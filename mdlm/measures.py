@@ -15,6 +15,10 @@ padding out of attention.
             at random, the mean -log p(x_i | xt) per masked token, at r = 15%, 40% and 80%
             (reported as masked15, masked40, masked80). Monte Carlo over the mask.
   maria     the MARIA head's cross-entropy per masked token (mdlm.objectives.maria).
+  exlm      ExLM's joint NLL of the masked tokens, -log P(masked tokens | xt) per masked token,
+            with the masks of `masked` (exlm15, exlm40, exlm80; mdlm.objectives.exlm).
+  bd3lm     the block-diffusion NELBO per real token of a bd3lm run, at its block size
+            (mdlm.objectives.block; b = L is the nelbo measure, b = 1 the exact AR NLL).
 Which measures apply to a model is declared by the objectives that trained it
 (Objective.measures); the evaluator refuses the others.
 """
@@ -33,6 +37,8 @@ import numpy as np
 from mdlm import diffusion, masking
 from mdlm.diffusion import LossTerms
 from mdlm.objectives.base import Setup
+from mdlm.objectives import block as block_objective
+from mdlm.objectives.exlm import joint_terms as exlm_joint_terms
 from mdlm.objectives.maria import maria_loss
 
 MASKED_RATIOS = (0.15, 0.40, 0.80)
@@ -185,10 +191,16 @@ MEASURES: dict[str, Measure] = {
     "pll": Measure("pll", pll_terms, False, "token", "pseudo-NLL (PLL)"),
     **_masked_measures(),
     "maria": Measure("maria", maria_terms, True, "masked token", "MARIA NLL"),
+    **{f"exlm{round(100 * r)}": Measure(
+        f"exlm{round(100 * r)}", functools.partial(exlm_joint_terms, ratio=r), True,
+        "masked token", f"ExLM joint masked-token NLL at {round(100 * r)}%")
+       for r in MASKED_RATIOS},
+    "bd3lm": Measure("bd3lm", block_objective.nelbo_terms, True, "token", "block NELBO"),
 }
 
 # Names a user (or an objective) may give for a group of measures.
-GROUPS = {"masked": tuple(f"masked{round(100 * r)}" for r in MASKED_RATIOS)}
+GROUPS = {"masked": tuple(f"masked{round(100 * r)}" for r in MASKED_RATIOS),
+          "exlm": tuple(f"exlm{round(100 * r)}" for r in MASKED_RATIOS)}
 
 
 def expand(names) -> list[str]:

@@ -10,6 +10,7 @@
   tb/              TensorBoard scalars
   samples/         outputs of `python -m mdlm.sample`
   init_from.json   what a fine-tune started from
+  convert.json     what an imported checkpoint came from (python -m mdlm.convert)
   overrides.yaml   the command-line overrides of each start
 
 Every module that reads or writes a run goes through `RunDir`; `load_run` gives a trained model,
@@ -59,6 +60,7 @@ class RunDir:
   tb_dir = property(lambda self: self.join("tb"))
   samples_dir = property(lambda self: self.join("samples"))
   init_from_path = property(lambda self: self.join("init_from.json"))
+  convert_path = property(lambda self: self.join("convert.json"))
   overrides_path = property(lambda self: self.join("overrides.yaml"))
 
   @classmethod

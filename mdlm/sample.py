@@ -10,6 +10,8 @@
   python -m mdlm.sample run=runs/maria sampler=maria template="The [MASK*5] of Denmark"
       # a MARIA run (experiment=maria): denoiser pass + KV-cached AR decoding through the head
   python -m mdlm.sample run=runs/x mesh=fsdp batch_size=64   # parameters and batch over devices
+  python -m mdlm.sample run=runs/bd3lm sampler=block length=1024
+      # a bd3lm run: block by block with an exact KV cache, each sample stopping at its EOS
 
 The text of `template=` and `prompt=` is taken literally, as the shell delivers it (brackets,
 commas, quotes and backslashes included); a value already written as a quoted Hydra string
@@ -56,6 +58,8 @@ def _starting_sequence(cfg: config_lib.SampleConfig, tokenizer, mask_id: int, le
     return parsed.tokens, parsed.spans
   if cfg.prompt:
     return text.prompt_tokens(tokenizer, cfg.prompt, length, mask_id, add_bos=cfg.add_bos), None
+  if cfg.sampler.name == "block":  # a document: BOS, text, and the EOS the sample may stop at
+    return text.prompt_tokens(tokenizer, None, length, mask_id, add_bos=cfg.add_bos), None
   return np.full((length,), mask_id, np.int32), None
 
 
@@ -198,6 +202,8 @@ def _sample(cfg: config_lib.SampleConfig, mesh) -> tuple[list[dict], dict]:
                      f"{model.max_seq_len}; use length <= {model.max_seq_len} (or a shorter "
                      "template).")
   settings = s.settings(schedule, mask_id)
+  if s.name == "block":
+    settings.update(_block_settings(s, train_cfg, tokenizer))
   if s.name == "semi_ar":
     settings["window"] = min(settings["window"] or model.cfg.max_seq_len, length)
     settings["stride"] = settings["stride"] or max(1, settings["window"] // 2)
@@ -218,6 +224,19 @@ def _sample(cfg: config_lib.SampleConfig, mesh) -> tuple[list[dict], dict]:
   return samples, summary
 
 
+def _block_settings(s: config_lib.SamplerConfig, train_cfg, tokenizer) -> dict:
+  """sampler=block: the block size (the run's objective.block_size unless given), the cache's
+  context (the training length, in whole blocks) and the EOS to stop at."""
+  block_size = s.block_size or getattr(train_cfg.objective, "block_size", None)
+  if block_size is None:
+    raise ValueError(f"sampler=block needs sampler.block_size: the run was trained with "
+                     f"objective={train_cfg.objective.name}, which has no block size (a bd3lm "
+                     "run supplies its own).")
+  context = s.context or max(train_cfg.data.seq_len // block_size, 1) * block_size
+  return {"block_size": int(block_size), "context": int(context),
+          "eos_id": int(tokenizer.eos_id) if s.stop_at_eos else None}
+
+
 def _sample_batches(cfg, denoise, xt_L, spans, settings, tokenizer, mesh):
   """(one dict per sample, mean NFE per batch): num_samples rows in batches of batch_size."""
   s = cfg.sampler
@@ -236,9 +255,14 @@ def _sample_batches(cfg, denoise, xt_L, spans, settings, tokenizer, mesh):
     tokens, stats = sampling.run_sampler(jax.random.fold_in(key, b), denoise, xt,
                                          sampler=s.name, **settings)
     nfe_total += int(stats["nfe"])
-    for row in np.asarray(tokens)[:count]:
-      item = {"index": len(samples), "text": sampling.decode(tokenizer, row),
+    lengths = np.asarray(stats.get("length", np.full(len(tokens), len(xt_L))))
+    for row, used in zip(np.asarray(tokens)[:count], lengths):
+      if used < len(row):  # sampler=block stopped this row at its EOS: padding after it
+        row = np.concatenate([row[:used], np.full(len(row) - used, tokenizer.pad_id, row.dtype)])
+      item = {"index": len(samples), "text": sampling.decode(tokenizer, row[:used]),
               "tokens": row.tolist(), "nfe": int(stats["nfe"])}
+      if "length" in stats:
+        item["length"] = int(used)
       if spans is not None:
         item["fills"] = [tokenizer.decode(row[a:e]) for a, e in spans]
       samples.append(item)

@@ -15,7 +15,9 @@ MAX_FUNCTION_LINES = 80
 # Imports that stay inside a function, and why: an optional extra, and a plotting stack that only
 # the plot command needs (and whose backend that command sets).
 LAZY_IMPORTS = {("mdlm/data/sources.py", "datasets"), ("mdlm/scaling/__main__.py", "matplotlib"),
-                ("mdlm/scaling/__main__.py", "mdlm.scaling.plot")}
+                ("mdlm/scaling/__main__.py", "mdlm.scaling.plot"),
+                # optional extra `convert` (mdlm.convert, tokenizer.kind=gpt2)
+                ("mdlm/convert.py", "safetensors"), ("mdlm/data/tokenizers.py", "tokenizers")}
 
 
 def _rel(path):

@@ -58,7 +58,8 @@ def test_train_cli_says_where_the_run_is_and_refusals_change_nothing(tmp_path):
 
 def test_help_lists_only_the_groups_each_cli_accepts():
   train_help = run_python(["-m", "mdlm.train", "--help"], timeout=120).stdout
-  assert "objective: ar, auto, diffusion, maria, meap" in train_help and "model:" in train_help
+  assert "objective: ar, auto, bd3lm, diffusion, exlm, maria, meap" in train_help
+  assert "model:" in train_help
   assert "sampler:" not in train_help
   sample_help = run_python(["-m", "mdlm.sample", "--help"], timeout=120).stdout
   assert "sampler:" in sample_help and "optim:" not in sample_help and "model:" not in sample_help

@@ -21,10 +21,12 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from mdlm import config as config_lib
-from mdlm import aot, evaluate, sample, train
+from mdlm import aot, convert, evaluate, sample, train
+from mdlm import joints
 from mdlm.data import prepare
 from mdlm.sampling import config as sample_config
 from mdlm.scaling import __main__ as scaling_cli
+from tests import test_convert
 from tests.helpers import REPO, run_python
 
 CONFIGS = os.path.join(REPO, "configs")
@@ -37,6 +39,7 @@ TINY_TRAIN = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2",
 TINY_SAMPLE = ["num_samples=2", "batch_size=2", "sampler.steps=4", "print_samples=false",
                "progress=false"]
 TINY_EVAL = ["batch_size=8", "progress=false"]
+TINY_JOINTS = ["num_pairs=2", "batch_size=2"]
 # Appended to every mdlm.aot command: the same target, mesh and batch, a one-layer model.
 TINY_AOT = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=0",
             "model.d_ff=64", "model.vocab_size=100", "data.seq_len=32"]
@@ -47,6 +50,7 @@ BENCH_ARGS = {
                        "1", "--seq-len", "16", "--batch", "2", "--vocab", "64"],
     "bench_sampling.py": ["--batches", "1", "--multipliers", "1", "--repeats", "1", "--length",
                           "16", "--vocab", "64"],
+    "parity.py": ["--out", "{tmp}"],
 }
 # The sweep trains 30 models (about 65 minutes) and its parametric fit bootstraps for minutes:
 # `launch` lists the jobs it would run, `fit` runs Approaches 1 and 2 without the bootstrap (the
@@ -110,6 +114,7 @@ def world(tmp_path_factory):
       "/models/spm.model": os.path.join(runs["pretrained"], "tokenizer", "spm.model"),
       "experiments/scaling/cpu/": str(scaling / "cpu") + "/",
       "tokenizer.vocab_size=32768": "tokenizer.vocab_size=100",
+      "runs/bd3lm_b16": str(root / "bd3lm_b16"),
   }
   return {"root": root, "subst": subst, "cache": cache}
 
@@ -123,6 +128,7 @@ def _compose(config_name, overrides):
   config_lib.register_configs()
   sample_config.register_configs()
   evaluate.register_configs()
+  joints.register_configs()
   aot.register_configs()
   with initialize_config_dir(config_dir=CONFIGS, version_base=None):
     node = compose(config_name, overrides=overrides)
@@ -153,7 +159,27 @@ def _run(command, world, tmp_path):
       if part in command:
         _compose("config", overrides + TINY_TRAIN)
         return
-    _train(overrides, str(tmp_path / "run"))
+    run_dir = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
+    _train([o for o in overrides if not o.startswith("run_dir=")],
+           run_dir[0] if run_dir else str(tmp_path / "run"))
+  elif argv[:3] == ["python", "-m", "mdlm.convert"]:
+    # A tiny random DiT in the published layout and a tiny GPT-2-format BPE stand in for the
+    # downloaded snapshot and GPT-2's files (tests/test_convert.py checks parity with them).
+    v = test_convert.write_bpe(tmp_path / "gpt2")
+    test_convert.snapshot(tmp_path / "mdlm-owt", test_convert.random_state_dict(v + 1),
+                          test_convert.hf_config(v + 1))
+    subst = {"path/to/mdlm-owt": str(tmp_path / "mdlm-owt"), "path/to/gpt2": str(tmp_path / "gpt2"),
+             "runs/mdlm_owt": str(tmp_path / "mdlm_owt")}
+    assert convert.main(shlex.split(_substitute(" ".join(argv[3:]), subst))) == 0
+    assert os.path.exists(os.path.join(str(tmp_path / "mdlm_owt"), "config.yaml"))
+  elif argv[:3] == ["python", "-m", "mdlm.joints"]:
+    record = joints.run_joints(_compose("joints", argv[3:] + TINY_JOINTS +
+                                        [f"output={tmp_path / 'joints.json'}"]))
+    assert all(k["figures"]["ag"]["p_ppl"] >= 1 for k in record["kinds"].values())
+  elif argv[:3] == ["python", "-m", "mdlm.joints"]:
+    proc = run_python(argv[1:] + ["num_pairs=2", "top_k=4", "kinds=[adjacent]",
+                                  f"output={tmp_path / 'joints.json'}"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
   elif argv[:3] == ["python", "-m", "mdlm.evaluate"]:
     result = evaluate.evaluate_run(_compose("evaluate", argv[3:] + TINY_EVAL))
     assert result["nll"] > 0
@@ -177,7 +203,8 @@ def _run(command, world, tmp_path):
     assert scaling_cli.main(args) in (0, None)
   elif argv[0] == "python" and argv[1].startswith("experiments/"):
     script = os.path.basename(argv[1])
-    proc = run_python([argv[1]] + argv[2:] + BENCH_ARGS[script], timeout=600)
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in BENCH_ARGS[script]]
+    proc = run_python([argv[1]] + argv[2:] + extra, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
   else:
     raise AssertionError(f"the README shows a command this test does not know how to run: "
@@ -201,7 +228,8 @@ def command_groups(commands) -> list[list[tuple[int, str]]]:
     if any(part in command for part, _ in SKIPPED):
       continue
     chain = ("shards" if "mdlm.data.prepare" in command or "data=arrayrecord" in command else
-             "scaling" if command.startswith("python -m mdlm.scaling") else None)
+             "scaling" if command.startswith("python -m mdlm.scaling") else
+             "bd3lm" if "runs/bd3lm_b16" in command else None)
     if chain in chains:
       chains[chain].append((i, command))
       continue

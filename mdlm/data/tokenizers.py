@@ -1,4 +1,5 @@
-"""Tokenizers: sentencepiece (trained in-process or loaded), byte-level and character-level.
+"""Tokenizers: sentencepiece (trained in-process or loaded), byte-level, character-level, and
+GPT-2's byte-level BPE read from its files (the published MDLM / BD3-LM checkpoints' tokenizer).
 
 All three share one contract. Ids 0..V-1 are real tokens, the specials BOS, EOS and PAD among
 them; V = `vocab_size`. The diffusion mask id is V, which is no tokenizer id: `decode` drops it
@@ -245,6 +246,114 @@ class SentencePieceTokenizer(Tokenizer):
     return state
 
 
+def _gpt2_byte_symbols() -> dict[str, int]:
+  """GPT-2's byte-level alphabet, symbol -> byte: the printable bytes stand for themselves, the
+  others (controls, space, ...) for the characters from U+0100 on, in byte order (Radford et
+  al. 2019, "Language Models are Unsupervised Multitask Learners")."""
+  printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+  symbols, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      symbols[chr(b)] = b
+    else:
+      symbols[chr(256 + extra)] = b
+      extra += 1
+  return symbols
+
+
+class GPT2Tokenizer(Tokenizer):
+  """GPT-2's byte-level BPE, read from its two files (vocab.json: piece -> id, merges.txt: the
+  merge rules in order), run by the `tokenizers` package; no network. Ids are vocab.json's
+  (GPT-2: V = 50257); BOS, EOS and PAD are all "<|endoftext|>" (50256), as MDLM wraps its
+  documents with it and never pads. The mask id is V (50257), the row MDLM's DiT appends."""
+
+  kind = "gpt2"
+  END = "<|endoftext|>"
+  FILES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))  # HF's, OpenAI's names
+
+  def __init__(self, vocab_json: bytes, merges_txt: bytes):
+    self.vocab_json, self.merges_txt = bytes(vocab_json), bytes(merges_txt)
+    try:
+      vocab = json.loads(self.vocab_json)
+    except ValueError as e:
+      raise ValueError(f"GPT-2 vocab.json is not JSON ({e}).") from None
+    if not isinstance(vocab, dict) or sorted(vocab.values()) != list(range(len(vocab))):
+      raise ValueError("GPT-2 vocab.json must map pieces to the ids 0..V-1, each once.")
+    if self.END not in vocab:
+      raise ValueError(f"GPT-2 vocab.json has no {self.END!r} piece: not GPT-2's format.")
+    self.vocab_size = len(vocab)
+    self.bos_id = self.eos_id = self.pad_id = int(vocab[self.END])
+    self._pieces = sorted(vocab, key=vocab.get)
+    self._tok = None
+    self._char_lengths = None
+
+  @classmethod
+  def from_directory(cls, directory: str) -> "GPT2Tokenizer":
+    directory = os.path.expanduser(directory)
+    for vocab_name, merges_name in cls.FILES:
+      vocab_path, merges_path = (os.path.join(directory, n) for n in (vocab_name, merges_name))
+      if os.path.isfile(vocab_path) and os.path.isfile(merges_path):
+        with open(vocab_path, "rb") as fv, open(merges_path, "rb") as fm:
+          return cls(fv.read(), fm.read())
+    names = " or ".join(" + ".join(pair) for pair in cls.FILES)
+    raise ValueError(f"tokenizer.model_path={directory!r} holds no GPT-2 tokenizer files "
+                     f"({names}); point it at a directory with them.")
+
+  @property
+  def processor(self):
+    if self._tok is None:
+      try:
+        import tokenizers as hf
+      except ImportError:
+        raise ImportError("tokenizer.kind=gpt2 needs the `tokenizers` package: pip install "
+                          "'mdlm[convert]' (or pip install tokenizers).") from None
+      merges = [tuple(line.split(" ")) for line in self.merges_txt.decode().splitlines()
+                if line and not line.startswith("#version")]
+      vocab = {p: i for i, p in enumerate(self._pieces)}
+      tok = hf.Tokenizer(hf.models.BPE(vocab=vocab, merges=merges))
+      tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+      tok.decoder = hf.decoders.ByteLevel()
+      tok.add_special_tokens([self.END])
+      self._tok = tok
+    return self._tok
+
+  def _encode(self, text):
+    return self.processor.encode(text).ids
+
+  def encode_batch(self, texts):
+    return [e.ids for e in self.processor.encode_batch(list(texts))]
+
+  def _decode(self, ids):
+    return self.processor.decode(ids, skip_special_tokens=False)
+
+  def char_lengths(self):
+    if self._char_lengths is None:
+      byte_of = _gpt2_byte_symbols()
+      lengths = np.zeros(self.vocab_size, np.int32)
+      for i, piece in enumerate(self._pieces):
+        if i in self.special_ids or any(c not in byte_of for c in piece):
+          continue
+        lengths[i] = sum(1 for c in piece if byte_of[c] < 0x80 or byte_of[c] >= 0xC0)
+      self._char_lengths = lengths
+    return self._char_lengths
+
+  def save(self, directory):
+    os.makedirs(directory, exist_ok=True)
+    _atomic_write(os.path.join(directory, "vocab.json"), self.vocab_json)
+    _atomic_write(os.path.join(directory, "merges.txt"), self.merges_txt)
+    super().save(directory)
+
+  def _state(self):
+    return {"kind": self.kind, "vocab": "vocab.json", "merges": "merges.txt",
+            "vocab_sha256": hashlib.sha256(self.vocab_json).hexdigest(),
+            "merges_sha256": hashlib.sha256(self.merges_txt).hexdigest()}
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_tok"] = None  # rebuilt on first use
+    return state
+
+
 def _atomic_write(path: str, data: bytes) -> None:
   """Write-then-rename, so that concurrent readers (other processes) never see half a file."""
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
@@ -269,6 +378,10 @@ def load_tokenizer(directory: str) -> Tokenizer:
   if kind == "sentencepiece":
     with open(os.path.join(directory, state["model"]), "rb") as f:
       return SentencePieceTokenizer(f.read())
+  if kind == "gpt2":
+    with open(os.path.join(directory, state["vocab"]), "rb") as fv, \
+        open(os.path.join(directory, state["merges"]), "rb") as fm:
+      return GPT2Tokenizer(fv.read(), fm.read())
   raise ValueError(f"{path}: unknown tokenizer kind {kind!r}")
 
 
@@ -368,8 +481,13 @@ def build_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig,
     return ByteTokenizer()
   if tok_cfg.kind == "sentencepiece" and tok_cfg.model_path:
     return load_sentencepiece_model(tok_cfg.model_path)
+  if tok_cfg.kind == "gpt2":
+    if not tok_cfg.model_path:
+      raise ValueError("tokenizer.kind=gpt2 reads GPT-2's files: set tokenizer.model_path to a "
+                       "directory with vocab.json and merges.txt (or encoder.json and vocab.bpe).")
+    return GPT2Tokenizer.from_directory(tok_cfg.model_path)
   if tok_cfg.kind not in ("sentencepiece", "char"):
-    raise ValueError(f"tokenizer.kind={tok_cfg.kind!r}; choose sentencepiece, byte or char")
+    raise ValueError(f"tokenizer.kind={tok_cfg.kind!r}; choose sentencepiece, byte, char or gpt2")
   cache_dir = cache_dir or data_cfg.cache_dir
   directory = None
   if cache_dir:

@@ -1,6 +1,6 @@
 """KV-cached autoregressive decoding for the causal model (kind "ar").
 
-A decode runs in two phases, both under `jax.jit`:
+A decode runs in two phases, both under `jax.jit` (the cache itself: mdlm.models.kv_cache):
   prefill      the prompt's P tokens in one causal pass; their keys and values are written into a
                cache of static length S (the total length to be decoded, <= cfg.max_seq_len);
   decode_step  one token at position `pos`: its query attends to cache entries 0..pos only.
@@ -16,26 +16,14 @@ draw of mdlm.categorical (float32 Gumbel noise would truncate the tail).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mdlm.models.kv_cache import KVCache, block_forward, forward_window, init_cache
 from mdlm.models.transformer import Transformer
 from mdlm import categorical
-
-
-class KVCache(NamedTuple):
-  """Per-layer keys and values, each [B, S, K, H] in the compute dtype (rotary already applied;
-  K = cfg.kv_heads, fewer than the query heads under grouped-query attention)."""
-
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
-
-  @property
-  def length(self) -> int:
-    return self.k[0].shape[1]
 
 
 def check_causal(model: Transformer) -> None:
@@ -47,26 +35,6 @@ def check_causal(model: Transformer) -> None:
   if model.cfg.time_conditioning:
     raise ValueError("KV-cached decoding supports AR models without time conditioning; build the "
                      "AR model with time_conditioning=False.")
-
-
-def init_cache(model: Transformer, batch_size: int, length: int) -> KVCache:
-  """An all-zero cache of static shape [B, length, K, H] per layer (K = cfg.kv_heads)."""
-  cfg = model.cfg
-  if not 1 <= length <= cfg.max_seq_len:
-    raise ValueError(f"cache length {length} must lie in [1, max_seq_len={cfg.max_seq_len}]; "
-                     "decode fewer tokens or build the model with a larger max_seq_len.")
-  shape = (batch_size, length, cfg.kv_heads, cfg.head_dim)
-  zeros = tuple(jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.num_layers))
-  return KVCache(zeros, zeros)
-
-
-def _block(block, x_BxTxD, positions_T, attend):
-  """One pre-norm block (the same residual structure as Block.__call__ without conditioning)
-  whose attention is `attend(q, k, v) -> out`; returns (x, k, v) so the caller can cache k, v."""
-  q, k, v = block.attn.qkv(block.norm_attn(x_BxTxD), positions_T)
-  out, k_cached, v_cached = attend(q, k, v)
-  x_BxTxD = x_BxTxD + out
-  return x_BxTxD + block.mlp(block.norm_mlp(x_BxTxD)), k_cached, v_cached
 
 
 def prefill(model: Transformer, tokens_BxP, cache: KVCache):
@@ -87,7 +55,7 @@ def prefill(model: Transformer, tokens_BxP, cache: KVCache):
       k_cache = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), (0, 0, 0, 0))
       v_cache = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), (0, 0, 0, 0))
       return out, k_cache, v_cache
-    x, k_i, v_i = _block(block, x, positions_P, attend)
+    x, k_i, v_i = block_forward(block, x, positions_P, attend)
     new_k.append(k_i)
     new_v.append(v_i)
   return KVCache(tuple(new_k), tuple(new_v)), model.final_hidden(x)
@@ -100,23 +68,10 @@ def decode_step(model: Transformer, cache: KVCache, token_B, position):
   Returns (cache, hidden_BxD), the final-norm hidden state at `position`.
   """
   position = jnp.asarray(position, jnp.int32)
-  positions_1 = position[None]
-  visible_1x1x1xS = (jnp.arange(cache.length) <= position)[None, None, None, :]
-  x = model.embed_tokens(jnp.asarray(token_B)[:, None])
-  new_k, new_v = [], []
-  for i, block in enumerate(model.layers()):
-    def attend(q, k, v, i=i, block=block):
-      k_cache = jax.lax.dynamic_update_slice(
-          cache.k[i], k.astype(cache.k[i].dtype), (0, position, 0, 0))
-      v_cache = jax.lax.dynamic_update_slice(
-          cache.v[i], v.astype(cache.v[i].dtype), (0, position, 0, 0))
-      out = block.attn.attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                              visible_1x1x1xS, False)
-      return out, k_cache, v_cache
-    x, k_i, v_i = _block(block, x, positions_1, attend)
-    new_k.append(k_i)
-    new_v.append(v_i)
-  return KVCache(tuple(new_k), tuple(new_v)), model.final_hidden(x)[:, 0]
+  visible_1x1xS = (jnp.arange(cache.length) <= position)[None, None, :]
+  cache, hidden_Bx1xD = forward_window(model, cache, jnp.asarray(token_B)[:, None], position,
+                                       visible_1x1xS)
+  return cache, hidden_Bx1xD[:, 0]
 
 
 def sample_logits(key, logits_BxV, temperature, top_p):

@@ -69,12 +69,14 @@ def count_params(cfg: ModelConfig, vocab_size: int | None = None) -> dict[str, i
   kv = 2 * d * cfg.kv_heads * cfg.head_dim  # keys and values: fewer heads under GQA
   attn = d * d + kv + d * d  # queries, keys and values, output
   mlp = (2 * d * f if cfg.mlp == "swiglu" else d * f) + f * d
+  mlp_bias = ((2 * f if cfg.mlp == "swiglu" else f) + d) if cfg.mlp_bias else 0
   norms = 2 * d
-  ada = (c * 6 * d + 6 * d) if cfg.time_conditioning else 0
-  per_block = attn + mlp + norms + ada
-  cond = (2 * c * c + c * 2 * d + 2 * d) if cfg.time_conditioning else 0
+  ada = (c * 6 * d + 6 * d) if cfg.conditioned else 0
+  per_block = attn + mlp + mlp_bias + norms + ada
+  cond = (cfg.freq_dim * c + c * c + c * 2 * d + 2 * d) if cfg.conditioned else 0
+  cond += 2 * c if cfg.conditioned and cfg.cond_bias else 0
   embedding = (v + 1) * d
-  head = 0 if cfg.tie_embeddings else d * v
+  head = (0 if cfg.tie_embeddings else d * v) + (v if cfg.head_bias else 0)
   non_embedding = n * per_block + d + cond
   matmul = n * (attn + mlp) + d * v  # the output product runs even when tied
   return {

@@ -113,13 +113,14 @@ class Norm(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.kind = cfg.norm
+    self.eps = cfg.norm_eps
     self.scale = _param(rngs, jax.nn.initializers.ones, (cfg.d_model,), (EMBED,))
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     if self.kind == "layernorm":
       x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     return (x32 * self.scale[...]).astype(x.dtype)
 
 
@@ -133,6 +134,23 @@ def rotary(x_BxLxNxH, positions_L, theta):
   x1, x2 = x32[..., :half], x32[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxNxH.dtype)
+
+
+def rotary_2d(x_BxLxNxH, positions_BxLx2, theta):
+  """Two-dimensional rotary embedding over per-row positions (p, s) (ExLM, mdlm.models.exlm):
+  the first half of each head is rotated by p, the second half by s, each half in the
+  rotate-half form with its own H/4 frequencies, so q.k depends on (p - p', s - s') only."""
+  half = x_BxLxNxH.shape[-1] // 2
+  quarter = half // 2
+  freq_Q = theta ** (-jnp.arange(quarter, dtype=jnp.float32) / quarter)
+  x32 = x_BxLxNxH.astype(jnp.float32)
+  parts = []
+  for axis, x_half in enumerate((x32[..., :half], x32[..., half:])):
+    angle_BxLxQ = positions_BxLx2[..., axis].astype(jnp.float32)[..., None] * freq_Q
+    sin, cos = jnp.sin(angle_BxLxQ)[:, :, None, :], jnp.cos(angle_BxLxQ)[:, :, None, :]
+    x1, x2 = x_half[..., :quarter], x_half[..., quarter:]
+    parts += [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+  return jnp.concatenate(parts, axis=-1).astype(x_BxLxNxH.dtype)
 
 
 def dropout(x, rate, key):
@@ -171,7 +189,8 @@ class Attention(nnx.Module):
       q = dense(x_BxLxD, self.w_q[...])
       k, v = (dense(x_BxLxD, w_Dx2xKxH[:, i]) for i in range(2))
     theta = self.cfg.rope_theta
-    return rotary(q, positions_L, theta), rotary(k, positions_L, theta), v
+    rope = rotary if positions_L.ndim == 1 else rotary_2d  # [L], or [B, L, 2] (ExLM)
+    return rope(q, positions_L, theta), rope(k, positions_L, theta), v
 
   def attend(self, q, k, v, mask, is_causal):
     out = jax.nn.dot_product_attention(
@@ -193,15 +212,29 @@ class FeedForward(nnx.Module):
     else:
       self.w_in = _param(rngs, _dense_init(d), (d, f), (EMBED, MLP))
     self.w_out = _param(rngs, _dense_init(f), (f, d), (MLP, EMBED))
+    if cfg.mlp_bias:  # MDLM's DiT (mdlm.convert)
+      zeros = jax.nn.initializers.zeros
+      shape, axes = ((2, f), (QKV, MLP)) if cfg.mlp == "swiglu" else ((f,), (MLP,))
+      self.b_in = _param(rngs, zeros, shape, axes)
+      self.b_out = _param(rngs, zeros, (d,), (EMBED,))
+    else:
+      self.b_in = self.b_out = None
 
   def __call__(self, x_BxLxD):
     if self.kind == "swiglu":
       # Two GEMMs rather than one over the flattened (2, f): see Attention.qkv.
       w_Dx2xF = self.w_in[...]
-      h = jax.nn.silu(dense(x_BxLxD, w_Dx2xF[:, 0])) * dense(x_BxLxD, w_Dx2xF[:, 1])
+      up = [dense(x_BxLxD, w_Dx2xF[:, i]) for i in range(2)]
+      if self.b_in is not None:
+        up = [u + self.b_in[...][i].astype(u.dtype) for i, u in enumerate(up)]
+      h = jax.nn.silu(up[0]) * up[1]
     else:
-      h = jax.nn.gelu(dense(x_BxLxD, self.w_in[...]), approximate=True)
-    return dense(h, self.w_out[...])
+      up = dense(x_BxLxD, self.w_in[...])
+      if self.b_in is not None:
+        up = up + self.b_in[...].astype(up.dtype)
+      h = jax.nn.gelu(up, approximate=True)
+    out = dense(h, self.w_out[...])
+    return out if self.b_out is None else out + self.b_out[...].astype(out.dtype)
 
 
 class AdaLN(nnx.Module):
@@ -229,7 +262,7 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs=rngs)
     self.norm_mlp = Norm(cfg, rngs=rngs)
     self.mlp = FeedForward(cfg, rngs=rngs)
-    self.ada = AdaLN(cfg, 6, rngs=rngs) if cfg.time_conditioning else None
+    self.ada = AdaLN(cfg, 6, rngs=rngs) if cfg.conditioned else None
 
   def __call__(self, x, positions_L, mask, cond_BxC=None, dropout_key=None, causal=None):
     rate = self.cfg.dropout
@@ -269,6 +302,17 @@ def timestep_embedding(noise_B, dim, max_period=10000.0):
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+def sigma_embedding(noise_B, dim, max_period=10000.0):
+  """MDLM's DiT's time features: the same sinusoids (cos, then sin) of sigma = -log alpha =
+  -log(1 - noise level), unscaled. The noise level is capped just below 1 (sigma <= 16.6), where
+  sigma is infinite; MDLM's schedules stop at alpha = 1e-3 (sigma 6.9)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  sigma_B = -jnp.log1p(-jnp.minimum(noise_B.astype(jnp.float32), np.float32(1.0 - 2.0 ** -24)))
+  args = sigma_B[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
 class Transformer(nnx.Module):
   """Token embedding (V + 1 rows: row V is the mask), L blocks, final norm, V-way output head.
 
@@ -290,17 +334,27 @@ class Transformer(nnx.Module):
     else:
       self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = Norm(cfg, rngs=rngs)
-    if cfg.time_conditioning:
-      c = cfg.cond_dim
-      self.cond_in = _param(rngs, _dense_init(c), (c, c), (COND, "cond_hidden"))
+    if cfg.conditioned:
+      c, f = cfg.cond_dim, cfg.freq_dim
+      self.cond_in = _param(rngs, _dense_init(f), (f, c), (COND, "cond_hidden"))
       self.cond_out = _param(rngs, _dense_init(c), (c, c), (COND, "cond_hidden"))
       self.final_ada = AdaLN(cfg, 2, rngs=rngs)
     else:
       self.cond_in = self.cond_out = self.final_ada = None
+    if cfg.conditioned and cfg.cond_bias:  # MDLM's DiT (mdlm.convert)
+      zeros = jax.nn.initializers.zeros
+      self.cond_in_bias = _param(rngs, zeros, (cfg.cond_dim,), ("cond_hidden",))
+      self.cond_out_bias = _param(rngs, zeros, (cfg.cond_dim,), ("cond_hidden",))
+    else:
+      self.cond_in_bias = self.cond_out_bias = None
     if cfg.tie_embeddings:
       self.head = None
     else:
       self.head = _param(rngs, _dense_init(d), (d, v), (EMBED, VOCAB))
+    if cfg.head_bias:  # MDLM's DiT (mdlm.convert)
+      self.head_bias = _param(rngs, jax.nn.initializers.zeros, (v,), (VOCAB,))
+    else:
+      self.head_bias = None
     if cfg.param_dtype != "float32":  # drawn in float32 (the same values, rounded)
       dtype = jnp.dtype(cfg.param_dtype)
       for _, var in nnx.iter_graph(self):
@@ -312,8 +366,25 @@ class Transformer(nnx.Module):
     return self.cfg.vocab_size
 
   def condition(self, noise_level_B):
-    c = timestep_embedding(noise_level_B, self.cfg.cond_dim)
-    return jax.nn.silu(c @ self.cond_in[...]) @ self.cond_out[...]
+    if self.cfg.time_input == "sigma":
+      c = sigma_embedding(noise_level_B, self.cfg.freq_dim)
+    else:
+      c = timestep_embedding(noise_level_B, self.cfg.freq_dim)
+    if self.cond_in_bias is None:
+      return jax.nn.silu(c @ self.cond_in[...]) @ self.cond_out[...]
+    h = jax.nn.silu(c @ self.cond_in[...] + self.cond_in_bias[...])
+    return h @ self.cond_out[...] + self.cond_out_bias[...]
+
+  def conditioning(self, noise_level_B, batch_size: int):
+    """The conditioning vector [B, cond_dim] of the blocks' adaLN, or None without adaLN: of the
+    noise level when time-conditioned, of the time 0 under cfg.adaln_without_time."""
+    if self.cfg.time_conditioning:
+      if noise_level_B is None:
+        raise ValueError("This model is time-conditioned: pass noise_level_B.")
+      return self.condition(jnp.broadcast_to(noise_level_B, (batch_size,)))
+    if self.cfg.adaln_without_time:
+      return self.condition(jnp.zeros((batch_size,), jnp.float32))
+    return None
 
   def embed_tokens(self, tokens_BxL):
     dtype = jnp.dtype(self.cfg.dtype)
@@ -326,7 +397,8 @@ class Transformer(nnx.Module):
 
   def logits(self, hidden_BxLxD):
     """Output head in the compute dtype with float32 accumulation and float32 result."""
-    return dense(hidden_BxLxD, self.output_weights(), preferred_element_type=jnp.float32)
+    logits = dense(hidden_BxLxD, self.output_weights(), preferred_element_type=jnp.float32)
+    return logits if self.head_bias is None else logits + self.head_bias[...].astype(jnp.float32)
 
   def final_hidden(self, hidden_BxLxD, cond_BxC=None):
     h = self.final_norm(hidden_BxLxD)
@@ -342,14 +414,19 @@ class Transformer(nnx.Module):
                                           causal=causal))
 
   def hidden_states(self, tokens_BxL, noise_level_B=None, *, token_mask_BxL=None,
-                    dropout_key=None, causal=None):
+                    dropout_key=None, causal=None, positions=None, attention_mask=None):
     """The final-norm states [B, L, D] that the output head reads (`logits` maps them to
-    [B, L, V]); a sampler that needs predictions at a few positions applies the head there only."""
+    [B, L, V]); a sampler that needs predictions at a few positions applies the head there only.
+    positions: None (0..L-1), or per-row 2D rotary positions [B, L, 2] (ExLM's expanded input,
+    mdlm.models.exlm, which checks the original length against max_seq_len itself), or rotary
+    positions [L] (block diffusion's [x_t, x_0] input, mdlm.objectives.block: 0..L/2-1 twice).
+    attention_mask: None, or a boolean [B or 1, L, L] (query, key) mask, ANDed with the padding
+    mask and passed to jax.nn.dot_product_attention (block diffusion's block-causal mask)."""
     tokens_BxL = jnp.asarray(tokens_BxL)
     if tokens_BxL.ndim != 2:
       raise ValueError(f"tokens must have shape [batch, length], got {tokens_BxL.shape}.")
     length = tokens_BxL.shape[1]
-    if length > self.cfg.max_seq_len:
+    if positions is None and length > self.cfg.max_seq_len:
       raise ValueError(
           f"Sequence length {length} exceeds the model's max_seq_len={self.cfg.max_seq_len}; "
           "shorten data.seq_len or build the model with a larger max_seq_len.")
@@ -359,15 +436,14 @@ class Transformer(nnx.Module):
       if lo < 0 or hi > self.cfg.vocab_size:
         raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}] (V real tokens + the "
                          f"mask); got ids in [{lo}, {hi}].")
-    cond = None
-    if self.cfg.time_conditioning:
-      if noise_level_B is None:
-        raise ValueError("This model is time-conditioned: pass noise_level_B.")
-      cond = self.condition(jnp.broadcast_to(noise_level_B, tokens_BxL.shape[:1]))
+    cond = self.conditioning(noise_level_B, tokens_BxL.shape[0])
     mask = None
     if token_mask_BxL is not None:
       mask = jnp.asarray(token_mask_BxL, bool)[:, None, None, :]
-    positions_L = jnp.arange(length)
+    if attention_mask is not None:
+      full = jnp.asarray(attention_mask, bool)[:, None]  # [B or 1, 1, L, L]
+      mask = full if mask is None else mask & full
+    positions_L = jnp.arange(length) if positions is None else jnp.asarray(positions)
     x = sharding.constrain_batch(self.embed_tokens(tokens_BxL))
 
     def apply_block(block, x, key):

@@ -44,6 +44,8 @@ class Setup:
   total_steps: int = 1
   masking: config_lib.MaskingConfig = dataclasses.field(default_factory=config_lib.MaskingConfig)
   token_classes: Optional[np.ndarray] = None  # masking.content=weighted: class of each token id
+  # The run's objective settings, for measures that read them (bd3lm's block size).
+  objective: Optional[config_lib.ObjectiveConfig] = None
 
   @property
   def vocab_size(self) -> int:
@@ -183,4 +185,5 @@ def make_setup(cfg: config_lib.Config, mask_id: int, tokenizer=None,
                bos_id=getattr(tokenizer, "bos_id", -1), special_ids=specials,
                pad_layout=cfg.data.layout == "pad", t_min=cfg.noise.t_min,
                num_steps=cfg.noise.num_steps, antithetic=cfg.noise.antithetic,
-               total_steps=cfg.train.steps, masking=cfg.masking, token_classes=token_classes)
+               total_steps=cfg.train.steps, masking=cfg.masking, token_classes=token_classes,
+               objective=cfg.objective)

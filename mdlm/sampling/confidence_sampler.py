@@ -108,76 +108,91 @@ def _chosen(score_BxS, log_conf_BxS, valid_BxS, k_B, log_tau):
   return valid_BxS & (rank_BxS < count_B[:, None])
 
 
+def _log_tau(spec: Spec):
+  return None if spec.threshold is None else float(np.log(spec.threshold))
+
+
+def blocks_of(xt_BxL, spec: Spec):
+  """The block of each initially masked position, by its rank among its row's masked positions
+  (len(spec.steps_in_block) for the given ones)."""
+  masked0_BxL = xt_BxL == spec.mask_id
+  rank0_BxL = jnp.cumsum(masked0_BxL, axis=1, dtype=jnp.int32) - 1
+  return jnp.where(masked0_BxL, rank0_BxL // spec.block_length, len(spec.steps_in_block))
+
+
+def _commit(spec: Spec, logits_at, size, features, x, fill_BxL, candidate_BxL, k_B, step_key, i):
+  """Predicts the candidates, compacted left to right into a [B, size] slab, and commits the
+  count_B best of each row. Random numbers are drawn per position of the sequence, so with a
+  plain denoiser the result does not depend on the slab width (a two-stage one only through
+  float rounding of the head at another width)."""
+  b, length = x.shape
+  rank_BxL = jnp.cumsum(candidate_BxL, axis=1, dtype=jnp.int32) - 1
+  idx_BxS = common.compact(candidate_BxL, rank_BxL, 0, size)
+  valid_BxS = idx_BxS < length
+  bits_2xBxS = None
+  if spec.temperature > 0.0:
+    bits_2xBxL = categorical.uniform_bits(jax.random.fold_in(step_key, 0), (b, length))
+    bits_2xBxS = common.gather_bits(bits_2xBxL, idx_BxS)
+  tokens_BxS, log_conf_BxS = _predict(logits_at(features, idx_BxS), bits_2xBxS, spec)
+  if spec.remasking == "random":
+    u_BxL = jax.random.uniform(jax.random.fold_in(step_key, 1), (b, length))
+    score_BxS = denoisers.gather_rows(u_BxL, idx_BxS)
+  else:
+    score_BxS = log_conf_BxS
+  chosen_BxS = _chosen(score_BxS, log_conf_BxS, valid_BxS, k_B, _log_tau(spec))
+  target_BxS = jnp.where(chosen_BxS, idx_BxS, length)  # L: dropped by the scatter
+  x = common.scatter_rows(x, target_BxS, tokens_BxS)
+  fill_BxL = common.scatter_rows(fill_BxL, target_BxS, jnp.full((b, size), i + 1, jnp.int32))
+  return x, fill_BxL, jnp.sum(chosen_BxS, axis=1, dtype=jnp.int32)
+
+
+def decode_step(spec: Spec, logits_at, block_BxL, features, key, i, x, fill_BxL, commits_SxB,
+                width_S):
+  """Step i given the denoiser's features of x (read by logits_at at sequence positions): the
+  still-masked positions of step i's block are the candidates, the scheduled count (at least)
+  of them is committed. Returns (x, fill_BxL, commits_SxB, width_S), updated."""
+  candidate_BxL = (x == spec.mask_id) & (block_BxL == jnp.asarray(spec.block_of_step)[i])
+  remaining_B = jnp.sum(candidate_BxL, axis=1, dtype=jnp.int32)
+  steps_left = (jnp.asarray(spec.steps_in_block, jnp.int32)[jnp.asarray(spec.block_of_step)[i]]
+                - jnp.asarray(spec.step_in_block, jnp.int32)[i])
+  k_B = (remaining_B + steps_left - 1) // steps_left  # LLaDA's linear schedule
+  # The narrowest slab that holds every row's candidates.
+  sizes = jnp.asarray(spec.slab_sizes, jnp.int32)
+  branch = jnp.sum(sizes >= jnp.max(remaining_B)) - 1
+  branches = [functools.partial(_commit, spec, logits_at, size) for size in spec.slab_sizes]
+  x, fill_BxL, commits_B = jax.lax.switch(branch, branches, features, x, fill_BxL,
+                                          candidate_BxL, k_B, jax.random.fold_in(key, i), i)
+  return x, fill_BxL, commits_SxB.at[i].set(commits_B), width_S.at[i].set(sizes[branch])
+
+
+def next_active_step(spec: Spec, block_BxL, after, x):
+  """The first step > after whose block still has a masked position in some row (spec.steps
+  if none). The other steps would commit nothing: the loop jumps over them instead of testing
+  every step with a lax.cond, which on a CPU costs a tenth of a small model's forward pass."""
+  num_blocks = len(spec.steps_in_block)
+  still_J = jax.ops.segment_sum((x == spec.mask_id).astype(jnp.int32).reshape(-1),
+                                block_BxL.reshape(-1), num_segments=num_blocks + 1)
+  active_S = ((still_J[jnp.asarray(spec.block_of_step, jnp.int32)] > 0)
+              & (jnp.arange(spec.steps, dtype=jnp.int32) > after))
+  return jnp.where(jnp.any(active_S), jnp.argmax(active_S), spec.steps).astype(jnp.int32)
+
+
 def _confidence_loop(denoise, key, xt_BxL, spec: Spec):
   b, length = xt_BxL.shape
   # A time-conditioned model sees the t whose mask probability is its input's masked fraction.
   features_of, logits_at = denoisers.stages(denoisers.at_masked_fraction(denoise, spec.mask_id))
-  masked0_BxL = xt_BxL == spec.mask_id
-  rank0_BxL = jnp.cumsum(masked0_BxL, axis=1, dtype=jnp.int32) - 1
-  block_of_step = jnp.asarray(spec.block_of_step, jnp.int32)
-  step_in_block = jnp.asarray(spec.step_in_block, jnp.int32)
-  steps_in_block = jnp.asarray(spec.steps_in_block, jnp.int32)
-  log_tau = None if spec.threshold is None else float(np.log(spec.threshold))
-
-  num_blocks = len(spec.steps_in_block)
-  # Block of each initially masked position (num_blocks for the given ones).
-  block_BxL = jnp.where(masked0_BxL, rank0_BxL // spec.block_length, num_blocks)
-  step_index = jnp.arange(spec.steps, dtype=jnp.int32)
-  sizes = jnp.asarray(spec.slab_sizes, jnp.int32)
-
-  def next_active_step(after, x):
-    """The first step > after whose block still has a masked position in some row (spec.steps
-    if none). The other steps would commit nothing: the loop jumps over them instead of testing
-    every step with a lax.cond, which on a CPU costs a tenth of a small model's forward pass."""
-    still_J = jax.ops.segment_sum((x == spec.mask_id).astype(jnp.int32).reshape(-1),
-                                  block_BxL.reshape(-1), num_segments=num_blocks + 1)
-    active_S = (still_J[block_of_step] > 0) & (step_index > after)
-    return jnp.where(jnp.any(active_S), jnp.argmax(active_S), spec.steps).astype(jnp.int32)
-
-  def commit(size, features, x, fill_BxL, candidate_BxL, k_B, step_key, i):
-    """Predicts the candidates, compacted left to right into a [B, size] slab, and commits the
-    count_B best of each row. Random numbers are drawn per position of the sequence, so with a
-    plain denoiser the result does not depend on the slab width (a two-stage one only through
-    float rounding of the head at another width)."""
-    rank_BxL = jnp.cumsum(candidate_BxL, axis=1, dtype=jnp.int32) - 1
-    idx_BxS = common.compact(candidate_BxL, rank_BxL, 0, size)
-    valid_BxS = idx_BxS < length
-    bits_2xBxS = None
-    if spec.temperature > 0.0:
-      bits_2xBxL = categorical.uniform_bits(jax.random.fold_in(step_key, 0), (b, length))
-      bits_2xBxS = common.gather_bits(bits_2xBxL, idx_BxS)
-    tokens_BxS, log_conf_BxS = _predict(logits_at(features, idx_BxS), bits_2xBxS, spec)
-    if spec.remasking == "random":
-      u_BxL = jax.random.uniform(jax.random.fold_in(step_key, 1), (b, length))
-      score_BxS = denoisers.gather_rows(u_BxL, idx_BxS)
-    else:
-      score_BxS = log_conf_BxS
-    chosen_BxS = _chosen(score_BxS, log_conf_BxS, valid_BxS, k_B, log_tau)
-    target_BxS = jnp.where(chosen_BxS, idx_BxS, length)  # L: dropped by the scatter
-    x = common.scatter_rows(x, target_BxS, tokens_BxS)
-    fill_BxL = common.scatter_rows(fill_BxL, target_BxS, jnp.full((b, size), i + 1, jnp.int32))
-    return x, fill_BxL, jnp.sum(chosen_BxS, axis=1, dtype=jnp.int32)
-
-  branches = [functools.partial(commit, size) for size in spec.slab_sizes]
+  block_BxL = blocks_of(xt_BxL, spec)
+  next_active = functools.partial(next_active_step, spec, block_BxL)
 
   def step(carry):
     i, x, nfe, commits_SxB, fill_BxL, width_S = carry
-    candidate_BxL = (x == spec.mask_id) & (block_BxL == block_of_step[i])
-    remaining_B = jnp.sum(candidate_BxL, axis=1, dtype=jnp.int32)
-    steps_left = steps_in_block[block_of_step[i]] - step_in_block[i]
-    k_B = (remaining_B + steps_left - 1) // steps_left  # LLaDA's linear schedule
-
     # The wrapper replaces this t by the schedule's time of the same masked fraction.
     features = features_of(x, jnp.mean(x == spec.mask_id, axis=1, dtype=jnp.float32))
-    # The narrowest slab that holds every row's candidates.
-    branch = jnp.sum(sizes >= jnp.max(remaining_B)) - 1
-    x, fill_BxL, commits_B = jax.lax.switch(branch, branches, features, x, fill_BxL,
-                                            candidate_BxL, k_B, jax.random.fold_in(key, i), i)
-    commits_SxB = commits_SxB.at[i].set(commits_B)
-    width_S = width_S.at[i].set(sizes[branch])
-    return next_active_step(i, x), x, nfe + 1, commits_SxB, fill_BxL, width_S
+    x, fill_BxL, commits_SxB, width_S = decode_step(spec, logits_at, block_BxL, features, key, i,
+                                                    x, fill_BxL, commits_SxB, width_S)
+    return next_active(i, x), x, nfe + 1, commits_SxB, fill_BxL, width_S
 
-  init = (next_active_step(-1, xt_BxL), xt_BxL, jnp.int32(0),
+  init = (next_active(-1, xt_BxL), xt_BxL, jnp.int32(0),
           jnp.zeros((spec.steps, b), jnp.int32), jnp.zeros((b, length), jnp.int32),
           jnp.zeros((spec.steps,), jnp.int32))
   _, x, nfe, commits_SxB, fill_BxL, width_S = jax.lax.while_loop(

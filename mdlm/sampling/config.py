@@ -9,7 +9,7 @@ from hydra.core.config_store import ConfigStore
 
 from mdlm.config import MeshConfig
 
-SAMPLERS = ("ancestral", "confidence", "semi_ar", "maria")
+SAMPLERS = ("ancestral", "confidence", "semi_ar", "maria", "block")
 
 
 @dataclass
@@ -31,6 +31,17 @@ class SamplerConfig:
     samples. ancestral, semi_ar and maria default to 1.0.
   guidance: unsupervised CFG weight w (SMDM) on the prompt / template tokens; 0 = off.
   refresh_every: maria: recompute the denoiser states every k filled tokens; 0 = one pass.
+  kv_cache: confidence: Fast-dLLM's approximate KV cache, "none", "prefix" (each step recomputes
+    the block and all after it against the cached prefix) or "dual" (only the block, against the
+    cached prefix and suffix); refreshed at block boundaries, so block_length is required
+    (mdlm.sampling.fast_dllm).
+  kv_refresh: with kv_cache, also refresh the cache every k steps inside a block (0: at block
+    boundaries only, as Fast-dLLM; 1: every step, which is the uncached sampler exactly).
+  block: block diffusion (BD3-LM, mdlm.sampling.block): blocks of block_size tokens (default: the
+    run's objective.block_size), each filled by `inner` (ancestral or confidence; `steps` per
+    block) against an exact KV cache of the clean blocks (block_kv_cache=false recomputes the
+    prefix at every call); context: cache slots (default: the run's data.seq_len); stop_at_eos:
+    stop each sample at its first generated EOS (any length, past the training length too).
   """
 
   name: str = "ancestral"
@@ -48,24 +59,35 @@ class SamplerConfig:
   inner: str = "ancestral"         # semi_ar: the sampler filling each window
   guidance: float = 0.0
   refresh_every: int = 0           # maria: denoiser refresh every k fills (0: never)
+  kv_cache: str = "none"           # confidence: none | prefix | dual (Fast-dLLM)
+  kv_refresh: int = 0              # confidence with kv_cache: also refresh every k steps
+  block_size: Optional[int] = None  # block: default = the run's objective.block_size
+  context: Optional[int] = None     # block: cache slots; default = the run's data.seq_len
+  block_kv_cache: bool = True       # block: exact KV cache (false: recompute the prefix)
+  stop_at_eos: bool = True          # block: stop at the first generated EOS
 
   def settings(self, schedule, mask_id: int) -> dict[str, Any]:
     """Keyword arguments for mdlm.sampling.run_sampler."""
     if self.name == "maria":  # mdlm.sampling.maria.maria_infill
       return dict(mask_id=mask_id, temperature=self.temperature, top_p=self.top_p,
                   refresh_every=self.refresh_every)
-    inner = self.inner if self.name == "semi_ar" else self.name
+    inner = self.inner if self.name in ("semi_ar", "block") else self.name
     if inner == "ancestral":
       kw = dict(steps=self.steps, schedule=schedule, cache=self.cache,
                 temperature=self.temperature, top_p=self.top_p, grid=self.grid, t_end=self.t_end)
     elif inner == "confidence":
       kw = dict(steps=self.steps, block_length=self.block_length, threshold=self.threshold,
                 temperature=self.temperature, remasking=self.remasking)
+      if self.name == "confidence" and (self.kv_cache != "none" or self.kv_refresh):
+        kw.update(kv_cache=self.kv_cache, kv_refresh=self.kv_refresh)  # mdlm.sampling.fast_dllm
     else:
       raise ValueError(f"sampler.inner={self.inner!r}; choose ancestral or confidence.")
     kw["mask_id"] = mask_id
     if self.name == "semi_ar":
       kw.update(inner=self.inner, window=self.window, stride=self.stride)
+    if self.name == "block":  # block_size, context, eos_id: filled from the run by mdlm.sample
+      kw.update(inner=self.inner, block_size=self.block_size, context=self.context,
+                kv_cache=self.block_kv_cache)
     return kw
 
 
@@ -122,11 +144,35 @@ def validate(cfg: SampleConfig) -> SampleConfig:
   check(s.guidance == 0.0 or s.name != "maria",
         "guidance is not supported with sampler=maria (the head has no unconditional branch); "
         "set sampler.guidance=0")
+  check(s.guidance == 0.0 or s.name != "block",
+        "guidance is not supported with sampler=block (it runs the model through its KV cache); "
+        "set sampler.guidance=0")
+  check(s.block_size is None or s.block_size >= 1,
+        f"sampler.block_size={s.block_size} must be >= 1 (or null: the run's block size)")
+  check(s.context is None or s.context >= 1,
+        f"sampler.context={s.context} must be >= 1 (or null: the run's data.seq_len)")
   check(s.refresh_every >= 0, f"sampler.refresh_every={s.refresh_every} must be >= 0 (0: one "
         "denoiser pass)")
+  _validate_kv_cache(s, check)
   check(s.temperature >= 0, f"sampler.temperature={s.temperature} must be >= 0 (0: greedy)")
   check(0.0 < s.top_p <= 1.0, f"sampler.top_p={s.top_p} must lie in (0, 1]")
   return cfg
+
+
+def _validate_kv_cache(s: SamplerConfig, check) -> None:
+  """Fast-dLLM's KV caches: the confidence sampler only, in blocks (mdlm.sampling.fast_dllm)."""
+  kinds = ("none", "prefix", "dual")
+  check(s.kv_cache in kinds, f"sampler.kv_cache={s.kv_cache!r}; choose one of {kinds}")
+  check(s.kv_refresh >= 0, f"sampler.kv_refresh={s.kv_refresh} must be >= 0 (0: refresh the KV "
+        "cache at block boundaries only)")
+  if s.kv_cache == "none":
+    check(s.kv_refresh == 0, f"sampler.kv_refresh={s.kv_refresh} refreshes a KV cache: set "
+          "sampler.kv_cache=prefix or dual, or sampler.kv_refresh=0")
+    return
+  check(s.name == "confidence", f"sampler.kv_cache={s.kv_cache} is Fast-dLLM's cache for "
+        f"sampler=confidence / fast_dllm, not sampler={s.name}; set sampler.kv_cache=none")
+  check(s.block_length is not None, f"sampler.kv_cache={s.kv_cache} is refreshed at block "
+        "boundaries: set sampler.block_length (Fast-dLLM: 32; the whole generation for one block)")
 
 
 def register_configs() -> None:

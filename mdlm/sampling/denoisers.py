@@ -25,6 +25,21 @@ one ulp, which can flip a near-tie). `stages(denoise)` returns this pair for any
 the samplers call only these two when both exist: a subclass that overrides `__call__` alone is
 bypassed. For a plain callable F is the full logits and logits_at gathers them exactly.
 
+Key/value caching (optional; the approximate caches of Fast-dLLM, Wu et al. 2025, "Fast-dLLM:
+Training-free Acceleration of Diffusion LLM by Enabling KV Cache and Parallel Decoding", used by
+mdlm.sampling.fast_dllm). A denoiser may also offer
+
+  kv_fill(xt_BxL, t_B) -> (cache, F)      the full pass of `features`, plus every layer's keys and
+                                          values at every position
+  kv_window(cache, xt_BxL, start, width, t_B) -> F_W   positions start..start+width-1 of xt
+                                          recomputed, attending to themselves and to the cached
+                                          keys/values of every other position
+
+where F_W feeds logits_at with window-relative positions. Both take the whole xt (a wrapper reads
+its time, or builds its guidance branch, from the whole sequence). `has_kv_cache(denoise)` says
+whether a denoiser (or the denoiser inside a guidance wrapper) has them; a plain callable has no
+keys or values to cache.
+
 Samplers are jit-compiled with the denoiser as an argument. A denoiser that is a pytree (the
 model adapter and the guidance wrapper below) passes its arrays as traced inputs, so parameters
 are not baked into the program and a new checkpoint of the same architecture reuses the compiled
@@ -41,6 +56,7 @@ import numpy as np
 from flax import nnx
 
 from mdlm import sharding
+from mdlm.models import kv_cache
 from mdlm.sampling import schedule_inverse
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
@@ -106,6 +122,24 @@ class ModelDenoiser:
   def logits_at(self, hidden_BxLxD, positions_BxS):
     """The output head at the given positions only: [B, S, V]."""
     return self._model().logits(gather_rows(hidden_BxLxD, positions_BxS))
+
+  def kv_fill(self, xt_BxL, t_B):
+    """(cache, hidden [B, L, D]): the whole sequence in one pass (mdlm.models.kv_cache's window
+    over every position, everything visible: the forward pass regrouped), keeping its keys and
+    values."""
+    model = self._model()
+    batch, length = xt_BxL.shape
+    return kv_cache.forward_window(model, kv_cache.init_cache(model, batch, length), xt_BxL, 0,
+                                   jnp.ones((1, 1, length), bool), noise_level_B=self._noise(t_B))
+
+  def kv_window(self, cache, xt_BxL, start, width: int, t_B):
+    """hidden [B, width, D] of positions start..start+width-1, attending to their own fresh keys
+    and values and to the cached ones of every other position; the cache is not changed."""
+    tokens_BxW = jax.lax.dynamic_slice_in_dim(xt_BxL, start, width, axis=1)
+    _, hidden = kv_cache.forward_window(self._model(), cache, tokens_BxW, start,
+                                        jnp.ones((1, 1, cache.length), bool),
+                                        noise_level_B=self._noise(t_B), write=False)
+    return hidden
 
   def tree_flatten(self):
     return (self.state,), (self.graph, self.schedule, self.time_conditioned, self.mask_id,
@@ -196,6 +230,14 @@ class Guided:
     both_2BxS = jnp.concatenate([positions_BxS, positions_BxS])
     return self._mix(stages(self.denoise)[1](features, both_2BxS))
 
+  def kv_fill(self, xt_BxL, t_B):
+    """One cache for both branches (2B rows)."""
+    return self.denoise.kv_fill(*self._both(xt_BxL, t_B))
+
+  def kv_window(self, cache, xt_BxL, start, width: int, t_B):
+    both_2BxL, t_2B = self._both(xt_BxL, t_B)
+    return self.denoise.kv_window(cache, both_2BxL, start, width, t_2B)
+
   def tree_flatten(self):
     return (self.denoise, self.prompt_mask, self.w), (self.mask_id,)
 
@@ -249,6 +291,23 @@ class _AtMaskedFraction:
 
   def logits_at(self, features, positions_BxS):
     return stages(self.denoise)[1](features, positions_BxS)
+
+  def kv_fill(self, xt_BxL, t_B):
+    del t_B
+    return self.denoise.kv_fill(xt_BxL, self.time(xt_BxL))
+
+  def kv_window(self, cache, xt_BxL, start, width: int, t_B):
+    """At the time of the whole sequence (the cached keys/values keep the time of their pass)."""
+    del t_B
+    return self.denoise.kv_window(cache, xt_BxL, start, width, self.time(xt_BxL))
+
+
+def has_kv_cache(denoise) -> bool:
+  """Whether the denoiser offers kv_fill / kv_window (module docstring), through a guidance
+  wrapper."""
+  if isinstance(denoise, Guided):
+    return has_kv_cache(denoise.denoise)
+  return hasattr(denoise, "kv_fill") and hasattr(denoise, "kv_window")
 
 
 def at_masked_fraction(denoise: Denoiser, mask_id: int) -> Denoiser:

@@ -16,12 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdlm.sampling.ancestral_sampler import ancestral
+from mdlm.sampling.block import block_sample
 from mdlm.sampling.confidence_sampler import confidence
+from mdlm.sampling.fast_dllm import cached_confidence
 from mdlm.sampling.maria import maria_infill
 from mdlm.sampling.semi_ar import semi_autoregressive
 
 MARKER = re.compile(r"\[MASK(?:\*(\d+))?\]")
-SAMPLERS = ("ancestral", "confidence", "semi_ar", "maria")
+SAMPLERS = ("ancestral", "confidence", "semi_ar", "maria", "block")
 
 
 @dataclasses.dataclass
@@ -102,16 +104,21 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
 
 
 def run_sampler(key, denoise, xt, *, sampler: str = "ancestral", **settings):
-  """Dispatches to ancestral / confidence / semi_ar (window, stride, inner=... for semi_ar), or
+  """Dispatches to ancestral / confidence / semi_ar (window, stride, inner=... for semi_ar), block
+  (block_size, inner=..., context, kv_cache, eos_id; mdlm.sampling.block), or
   to maria (mdlm.sampling.maria.maria_infill; `denoise` is then a MariaHead)."""
   if sampler == "ancestral":
     return ancestral(key, denoise, xt, **settings)
   if sampler == "confidence":
+    if "kv_cache" in settings or "kv_refresh" in settings:  # Fast-dLLM's KV caches
+      return cached_confidence(key, denoise, xt, **settings)
     return confidence(key, denoise, xt, **settings)
   if sampler == "semi_ar":
     settings = dict(settings)
     inner = settings.pop("inner", "ancestral")
     return semi_autoregressive(key, denoise, xt, sampler=inner, **settings)
+  if sampler == "block":  # block diffusion with an exact KV cache (mdlm.sampling.block)
+    return block_sample(key, denoise, xt, **settings)
   if sampler == "maria":  # here `denoise` is a mdlm.models.hybrid.MariaHead
     return maria_infill(key, denoise, xt, **settings)
   raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")

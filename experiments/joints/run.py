@@ -13,8 +13,10 @@ Char models are scored exactly (all V tokens per position) and, to measure what 
 does, on a top-20 support too; sentencepiece (V = 4096) on the paper's top-K support (K = 50),
 and exactly on a few adjacent pairs (8,193 forward passes each). Top-K supports always hold the
 true tokens (forced in when the model would not have picked them, which the tables count), so a
-uniform joint over the support scores P-PPL = K: the bar a weak model's joints can miss. Pairs: one per held-out window of 128 tokens, four kinds (mdlm.joints):
-adjacent and distant anywhere in the window (both sides of context), and adjacent_end /
+uniform joint over the support scores P-PPL = K: the bar a weak model's joints can miss.
+
+Pairs: one per held-out window of 128 tokens, four kinds (mdlm.joints): adjacent and distant
+anywhere in the window (both sides of context), and adjacent_end /
 distant_end, where x_j is the window's last token, so the denoiser sees exactly the AR model's
 left context and the AR joint p(x_i, x_j | the rest) is exact. Besides mdlm.joints' figures the
 tables give each construction's pair NLL minus AG's, paired over the same pairs (mean ± s.e.),

@@ -11,6 +11,8 @@ adds to a step whatever the machine's noise.
 
   python experiments/bench_objectives.py                       # the default run's model
   python experiments/bench_objectives.py --model tiny --rounds 5 --json out.json
+  # what BD3-LM's clipping search adds to a step that runs it (every step, one batch):
+  python experiments/bench_objectives.py --presets 'bd3lm_b16,bd3lm_b16|objective.clip_search=true|objective.clip_search_every=1|objective.clip_search_batches=1'
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ PRESETS = ["default", "mdlm_is", "mlm15", "mlm40", "mlm80", "mlm15_bert", "mlm40
 
 def _config(preset: str, model: str, vocab: int):
   """The preset's config; `model` names another size (its layers, width and heads replace the
-  preset's, the kind stays the preset's)."""
+  preset's, the kind stays the preset's). `preset` is an experiment name, optionally with
+  ":<phase objective>" and "|"-separated Hydra overrides (bd3lm_b16|objective.clip_search=true)."""
+  preset, *overrides = preset.split("|")
   name, _, phase = preset.partition(":")
   sizes = []
   if model != "default":
@@ -49,14 +53,15 @@ def _config(preset: str, model: str, vocab: int):
     sizes = [f"model.num_layers={m.num_layers}", f"model.d_model={m.d_model}",
              f"model.num_heads={m.num_heads}", f"model.max_seq_len={m.max_seq_len}"]
   with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base=None):
-    cfg = config_lib.to_config(compose("config", overrides=[f"experiment={name}"] + sizes))
+    cfg = config_lib.to_config(compose("config",
+                                       overrides=[f"experiment={name}"] + sizes + overrides))
   settings = objectives.settings_for(cfg, phase) if phase else cfg.objective
   return cfg, settings, cfg.model.replace(vocab_size=vocab)
 
 
 def build_step(preset: str, model: str, vocab: int):
   cfg, settings, model_cfg = _config(preset, model, vocab)
-  mesh, rules = train._mesh(cfg)
+  mesh, rules = train.make_mesh(cfg)
   spec = train.model_spec(model_cfg, mesh, rules)
   classes = np.arange(vocab) % cfg.masking.num_classes
   setup = objectives.make_setup(cfg, vocab, None, classes)

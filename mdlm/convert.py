@@ -31,7 +31,10 @@ Language Models" (Arriola et al. 2025, BD3-LM) reuses. Its tensors (PyTorch Line
 
 The published checkpoints were trained with time_conditioning off: the DiT then embeds sigma = 0
 (ModelConfig.adaln_without_time). BD3-LM may drop adaLN (config adaln: false); its block-causal
-attention masks belong to its sampler, not to the weights. The output row of the mask is dropped:
+attention masks belong to the objective and the sampler, not to the weights: a BD3-LM run gets
+objective=bd3lm with config.json's block_size (and the clipped mask-rate range its buffers hold,
+when its search narrowed it), so evaluate reports its block NELBO and `sampler=block` samples it
+block by block. The output row of the mask is dropped:
 SUBS sets the mask's logit to -inf, so the V-way head gives the same distributions.
 """
 
@@ -418,14 +421,47 @@ def check_output(out: str, overwrite: bool) -> str:
   return out
 
 
-def run_config(model_cfg: config_lib.ModelConfig, vocab_size: int) -> config_lib.Config:
-  """The run's config.yaml: MDLM's objective and log-linear schedule (eps 1e-3), GPT-2's
-  tokenizer (read from the run's tokenizer/), windows of the model's length."""
+# BD3-LM's mask-rate range before any clipping search: the full range above the schedule's eps.
+BD3LM_FULL_RANGE = (1e-3, 1.0)
+
+
+def objective_config(spec: DiTSpec, buffers: dict, seq_len: int) -> config_lib.ObjectiveConfig:
+  """MDLM's objective; for a BD3-LM checkpoint, objective=bd3lm with its block size and, when its
+  clipping search had narrowed the mask-rate range (the sampling_eps_min / max buffers), that
+  range as objective.clip_min / clip_max, so that evaluate, sample (sampler=block) and fine-tuning
+  continue the block objective it was trained with."""
+  if spec.block_size is None:
+    return config_lib.ObjectiveConfig(name="diffusion")
+  if spec.time_conditioning:
+    raise ConvertError("a BD3-LM checkpoint with time conditioning: objective=bd3lm draws one noise "
+                       "level per block, which a per-sequence sigma cannot carry; convert with "
+                       "--time-conditioning off.")
+  if not 1 <= spec.block_size <= seq_len or seq_len % spec.block_size:
+    raise ConvertError(f"config.json's block_size={spec.block_size} does not divide the run's "
+                       f"sequence length {seq_len}; pass --max-seq-len as a multiple of it.")
+  values = {"block_size": spec.block_size}
+  if all(k in buffers for k in BD3LM_BUFFERS):
+    lo, hi = (float(np.asarray(buffers[k]).reshape(-1)[0]) for k in BD3LM_BUFFERS)
+    if not 0.0 <= lo < hi <= 1.0:
+      raise ConvertError(f"the checkpoint's mask-rate range sampling_eps_min={lo:g}, "
+                         f"sampling_eps_max={hi:g} is not a range in [0, 1].")
+    if not np.allclose((lo, hi), BD3LM_FULL_RANGE, rtol=0, atol=1e-6):
+      values.update(clip_min=lo, clip_max=hi)
+  return config_lib.objective_configs()["bd3lm"](**values)
+
+
+def run_config(model_cfg: config_lib.ModelConfig, vocab_size: int, spec: DiTSpec,
+               buffers: dict) -> config_lib.Config:
+  """The run's config.yaml: MDLM's objective (BD3-LM's for a BD3-LM checkpoint) and log-linear
+  schedule (eps 1e-3), GPT-2's tokenizer (read from the run's tokenizer/), windows of the model's
+  length."""
+  seq_len = min(model_cfg.max_seq_len, 1024)
   cfg = config_lib.Config(
       model=model_cfg,
-      data=config_lib.DataConfig(seq_len=min(model_cfg.max_seq_len, 1024)),
+      data=config_lib.DataConfig(seq_len=seq_len),
       tokenizer=config_lib.TokenizerConfig(kind="gpt2", vocab_size=vocab_size, model_path=None),
-      noise=config_lib.NoiseConfig(schedule="loglinear", eps=1e-3))
+      noise=config_lib.NoiseConfig(schedule="loglinear", eps=1e-3),
+      objective=objective_config(spec, buffers, seq_len))
   return config_lib.validate(cfg)
 
 
@@ -522,8 +558,9 @@ def import_dit(checkpoint: str, tokenizer_dir: str, out: str, *, config_path: Op
         f"tokenizer at {tokenizer_dir} has V = {tokenizer.vocab_size}; pass the tokenizer the "
         "checkpoint was trained with (GPT-2's: V = 50257).")
   _check_values(tensors, spec)
-  cfg = run_config(model_config(spec, tokenizer.vocab_size), tokenizer.vocab_size)
   record = _record(checkpoint, tensors, spec, tokenizer)
+  cfg = run_config(model_config(spec, tokenizer.vocab_size), tokenizer.vocab_size, spec,
+                   record["buffers"])
   write_run(out, cfg, to_params(tensors, spec), tokenizer, record)
   return record
 

@@ -210,13 +210,15 @@ def _sample(cfg: config_lib.SampleConfig, mesh) -> tuple[list[dict], dict]:
   if s.guidance:
     denoise = sampling.guided(denoise, jnp.asarray(xt_L != mask_id), s.guidance)
   t0 = time.time()
-  samples, nfe_per_batch = _sample_batches(cfg, denoise, xt_L, spans, settings, tokenizer, mesh)
+  samples, nfe_per_batch, nfe_equiv_per_batch = _sample_batches(cfg, denoise, xt_L, spans,
+                                                                settings, tokenizer, mesh)
   specials = {tokenizer.bos_id, tokenizer.eos_id, getattr(tokenizer, "pad_id", -1)}
   token_rows = np.asarray([it["tokens"] for it in samples])
   summary = {
       "run": loaded.run_dir, "step": loaded.step, "sampler": dataclasses.asdict(s),
       "num_samples": len(samples), "length": length, "seed": cfg.seed,
-      "nfe_per_batch": nfe_per_batch, "seconds": time.time() - t0,
+      "nfe_per_batch": nfe_per_batch, "nfe_equiv_per_batch": nfe_equiv_per_batch,
+      "seconds": time.time() - t0,
       "unigram_entropy": sampling.unigram_entropy(token_rows, ignore=specials)["mean"],
   }
   if cfg.evaluator:
@@ -238,14 +240,16 @@ def _block_settings(s: config_lib.SamplerConfig, train_cfg, tokenizer) -> dict:
 
 
 def _sample_batches(cfg, denoise, xt_L, spans, settings, tokenizer, mesh):
-  """(one dict per sample, mean NFE per batch): num_samples rows in batches of batch_size."""
+  """(one dict per sample, mean NFE per batch, mean NFE-equivalent per batch): num_samples rows
+  in batches of batch_size. The NFE-equivalent counts a cached call over W of L positions as
+  W / L of a full pass (samplers without a cache: the NFE)."""
   s = cfg.sampler
   num_batches = -(-cfg.num_samples // cfg.batch_size)
   key = jax.random.key(cfg.seed)
   bar = None
   if cfg.progress and num_batches > 1:
       bar = tqdm(total=cfg.num_samples, desc=f"sampling ({s.name})", unit="sample", file=sys.stderr)
-  samples, nfe_total = [], 0
+  samples, nfe_total, equiv_total = [], 0, 0.0
   for b in range(num_batches):
     count = min(cfg.batch_size, cfg.num_samples - b * cfg.batch_size)
     # Every batch has batch_size rows (one compile); the surplus rows of the last are dropped.
@@ -255,12 +259,15 @@ def _sample_batches(cfg, denoise, xt_L, spans, settings, tokenizer, mesh):
     tokens, stats = sampling.run_sampler(jax.random.fold_in(key, b), denoise, xt,
                                          sampler=s.name, **settings)
     nfe_total += int(stats["nfe"])
+    # Cached samplers' calls run part of the sequence: their cost in full passes.
+    equiv = float(stats.get("nfe_equiv", stats["nfe"]))
+    equiv_total += equiv
     lengths = np.asarray(stats.get("length", np.full(len(tokens), len(xt_L))))
     for row, used in zip(np.asarray(tokens)[:count], lengths):
       if used < len(row):  # sampler=block stopped this row at its EOS: padding after it
         row = np.concatenate([row[:used], np.full(len(row) - used, tokenizer.pad_id, row.dtype)])
       item = {"index": len(samples), "text": sampling.decode(tokenizer, row[:used]),
-              "tokens": row.tolist(), "nfe": int(stats["nfe"])}
+              "tokens": row.tolist(), "nfe": int(stats["nfe"]), "nfe_equiv": equiv}
       if "length" in stats:
         item["length"] = int(used)
       if spans is not None:
@@ -270,7 +277,7 @@ def _sample_batches(cfg, denoise, xt_L, spans, settings, tokenizer, mesh):
       bar.update(count)
   if bar is not None:
     bar.close()
-  return samples, nfe_total / num_batches
+  return samples, nfe_total / num_batches, equiv_total / num_batches
 
 
 def _gen_ppl(evaluator: str, samples, tokenizer) -> dict:

@@ -326,6 +326,12 @@ def test_kv_cached_sampling_equals_recomputing_the_prefix(inner):
   assert done == min(48, -(-int(length.max()) // 4) * 4) and done > 16, done
   assert not np.any(tokens[:, :done] == 11) and np.all(tokens[:, done:] == 11)
   assert int(st["clean_passes"]) == int(st["blocks"]) and int(out[False][1]["clean_passes"]) == 0
+  # Cost in full passes over the 48 tokens: 4 positions per cached call (denoising steps and one
+  # clean pass per block), the 16-token context window per recomputed call.
+  assert int(st["positions"]) == 4 * (int(st["nfe"]) + int(st["blocks"]))
+  assert float(st["nfe_equiv"]) == pytest.approx(int(st["positions"]) / 48)
+  slow = out[False][1]
+  assert float(slow["nfe_equiv"]) == pytest.approx(16 * int(slow["nfe"]) / 48)
 
 
 @pytest.mark.parametrize("inner", [
@@ -439,6 +445,7 @@ def test_train_evaluate_and_sample_a_bd3lm_run(tmp_path):
       name="block", steps=4), num_samples=3, batch_size=3, length=80, progress=False,
       output=str(tmp_path / "s.jsonl"))
   summary = sample.run(cfg)
+  assert 0 < summary["nfe_equiv_per_batch"] < summary["nfe_per_batch"]  # b of 80 per call
   for item in summary["samples"]:
     assert 1 <= item["length"] <= 80 and len(item["tokens"]) == 80
     assert item["tokens"][0] == 256  # BOS

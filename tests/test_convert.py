@@ -283,6 +283,36 @@ def test_bd3lm_without_adaln(tmp_path):
   assert np.max(np.abs(got - want)) < 2e-5 * max(1.0, np.max(np.abs(want)))
 
 
+def test_bd3lm_checkpoint_becomes_a_bd3lm_run(tmp_path):
+  """config.json's block_size becomes objective=bd3lm (sampler=block reads it), a clipping range
+  narrowed by BD3-LM's search (its sampling_eps buffers) becomes clip_min / clip_max, the default
+  range leaves the schedule unclipped, and a block size that cannot be trained is refused."""
+  from mdlm import sample
+  from mdlm.sampling import config as sample_config
+  v = write_bpe(tmp_path / "tok")
+  sd = random_state_dict(v + 1, seed=5, adaln=False)
+  bd3lm = hf_config(v + 1, model_type="bd3lm", block_size=4, adaln=False)
+  out = str(tmp_path / "run")
+  convert.import_dit(snapshot(tmp_path / "ckpt", {
+      **sd, "sampling_eps_min": np.array(0.3, np.float32), "sampling_eps_max": np.array(0.8, np.float32)}, bd3lm),
+      str(tmp_path / "tok"), out)
+  cfg = rundir.load_config(out)
+  assert cfg.objective.name == "bd3lm" and cfg.objective.block_size == 4
+  assert (cfg.objective.clip_min, cfg.objective.clip_max) == pytest.approx((0.3, 0.8))
+  settings = sample._block_settings(sample_config.SamplerConfig(name="block"), cfg,
+                                    rundir.load_run(out).tokenizer)
+  assert settings["block_size"] == 4 and settings["context"] == LENGTH
+  default = str(tmp_path / "default")
+  convert.import_dit(snapshot(tmp_path / "ckpt2", {
+      **sd, "sampling_eps_min": np.array(1e-3, np.float32), "sampling_eps_max": np.array(1.0, np.float32)}, bd3lm),
+      str(tmp_path / "tok"), default)
+  assert not rundir.load_config(default).objective.clipped
+  assert rundir.load_config(default).objective.block_size == 4
+  refused(tmp_path, sd, {**bd3lm, "block_size": 5}, "block_size=5 does not divide .* 12")
+  refused(tmp_path, random_state_dict(v + 1, seed=5), {**bd3lm, "adaln": True},
+          "BD3-LM checkpoint with time conditioning", time_conditioning=True)
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 
 

@@ -154,8 +154,12 @@ def _block_impl(static_fn, fn_arrays, key, xt_BxN, t_grid, r_grid, *, spec: Spec
   x = x[:, :length]
   if spec.eos_id < 0:
     length_B = jnp.full((rows,), length, jnp.int32)
-  return x, {"nfe": nfe, "clean_passes": blocks if spec.kv_cache else jnp.int32(0),
-             "blocks": blocks, "length": length_B, "steps": jnp.int32(_inner_steps(spec))}
+  clean_passes = blocks if spec.kv_cache else jnp.int32(0)
+  # Positions run through the trunk: b per cached call (denoising steps and clean passes), the
+  # whole context window per recomputed call.
+  positions = (nfe + clean_passes) * b if spec.kv_cache else nfe * c
+  return x, {"nfe": nfe, "clean_passes": clean_passes, "blocks": blocks, "length": length_B,
+             "steps": jnp.int32(_inner_steps(spec)), "positions": positions}
 
 
 def _inner_steps(spec: Spec) -> int:
@@ -222,7 +226,9 @@ def block_sample(key, denoise, xt, *, block_size: int, mask_id: int, inner: str 
   eos_id: stop once every row has generated EOS.
 
   Returns (tokens [B, N], stats) with stats["nfe"] (denoiser calls), stats["clean_passes"]
-  (blocks written into the cache), stats["blocks"] (blocks generated) and stats["length"] [B].
+  (blocks written into the cache), stats["blocks"] (blocks generated), stats["length"] [B],
+  stats["positions"] (positions run through the trunk) and stats["nfe_equiv"] (positions / N: the
+  cost in full passes over the N tokens, as Fast-dLLM's samplers report it).
   """
   rows, length = jnp.shape(xt)[0], jnp.shape(xt)[-1]
   xt, t_grid, r_grid, spec = prepare(xt, denoise, block_size=block_size, mask_id=mask_id,
@@ -230,6 +236,7 @@ def block_sample(key, denoise, xt, *, block_size: int, mask_id: int, inner: str 
                                      eos_id=eos_id, **settings)
   tokens, stats = _block_jit(denoise, key, xt, t_grid, r_grid, spec=spec)
   stats["length"] = jnp.minimum(stats["length"], length)
+  stats["nfe_equiv"] = stats["positions"].astype(jnp.float32) / length
   return tokens[:, :length], stats
 
 

@@ -21,8 +21,21 @@ TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
 OTHER_PLUGIN_PREFIXES = ("jax_cuda", "jax_rocm", "jax_metal", "jax_plugins")
 
 
+# PCI vendor id of Google's TPU chips, as the kernel lists them (what JAX itself looks for).
+GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
 def has_tpu_devices() -> bool:
-  return any(glob.glob(pattern) for pattern in TPU_DEVICE_GLOBS)
+  if any(glob.glob(pattern) for pattern in TPU_DEVICE_GLOBS):
+    return True
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
 
 
 def has_other_plugins() -> bool:

@@ -19,10 +19,10 @@ commas, quotes and backslashes included); a value already written as a quoted Hy
 
 Writes the text of each sample to stdout and one JSON object per sample to a JSON Lines file
 (`output=`, default <run>/samples/<sampler>-seed<seed>.jsonl, then -1, -2, ... once that exists);
-a summary (NFE, unigram entropy, generative perplexity with an evaluator) goes to stderr and to
-<output>.summary.json. An existing file is never overwritten: an explicit output= that exists is
-refused before anything loads. Settings are the typed dataclasses of mdlm/sampling/config.py;
-presets live in configs/sampler/.
+a summary (NFE, its full-pass equivalent for cached samplers, unigram entropy, generative
+perplexity with an evaluator) goes to stderr and to <output>.summary.json. An existing file is
+never overwritten: an explicit output= that exists is refused before anything loads. Settings are
+the typed dataclasses of mdlm/sampling/config.py; presets live in configs/sampler/.
 """
 
 from __future__ import annotations

@@ -64,6 +64,7 @@ def tiny_maria_run(tmp_path_factory, tiny_run, tiny_ar_run):
   return run_dir
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(items):
   """pytest-xdist (--dist loadgroup) keeps each module on one worker, so its module- and
   session-scoped fixtures are built once, unless the module spreads its tests by giving them

@@ -3,8 +3,8 @@
 The test extra installs libtpu (mdlm.aot compiles for TPU topologies without a TPU). On a machine
 with libtpu but no TPU chip, JAX still starts the TPU runtime, which prints several lines of
 warnings about missing TPU metadata on every command before falling back to the CPU. When that is
-the only outcome (no TPU device files, no other PJRT plugin such as CUDA or ROCm, and JAX_PLATFORMS
-unset), JAX_PLATFORMS=cpu gives the same devices without the noise. Anything else is left to JAX.
+the only outcome (no TPU device files or Google PCI device, no other PJRT plugin such as CUDA or
+ROCm, and JAX_PLATFORMS unset), JAX_PLATFORMS=cpu gives the same devices without the noise. Anything else is left to JAX.
 Set JAX_PLATFORMS yourself to override.
 """
 
@@ -17,12 +17,10 @@ import os
 
 # Device files of TPU chips (v4 and later: /dev/accel*; v2/v3 and VFIO setups: /dev/vfio/<n>).
 TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
-# Packages of accelerator plugins that JAX starts besides libtpu.
-OTHER_PLUGIN_PREFIXES = ("jax_cuda", "jax_rocm", "jax_metal", "jax_plugins")
-
-
 # PCI vendor id of Google's TPU chips, as the kernel lists them (what JAX itself looks for).
 GOOGLE_PCI_VENDOR = "0x1ae0"
+# Packages of accelerator plugins that JAX starts besides libtpu.
+OTHER_PLUGIN_PREFIXES = ("jax_cuda", "jax_rocm", "jax_metal", "jax_plugins")
 
 
 def has_tpu_devices() -> bool:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -38,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.runs import loadavg, train_unless_finished  # noqa: E402
 from mdlm import evaluate  # noqa: E402
 from mdlm.rundir import RunDir, load_run  # noqa: E402
 from mdlm.sampling import block as block_sampler  # noqa: E402
@@ -47,20 +47,10 @@ LENGTH = 128
 BLOCKS = (1, 4, 16, LENGTH)
 
 
-def _loadavg() -> str:
-  with open("/proc/loadavg") as f:
-    return " ".join(f.read().split()[:3])
-
-
 def train_missing(args) -> None:
   for b in BLOCKS[:-1]:
-    run = RunDir(os.path.join(args.runs, f"b{b}"))
-    if (run.read_status() or {}).get("state") == "finished":
-      continue
-    print(f"training b={b} (load {_loadavg()})", flush=True)
-    subprocess.run([sys.executable, "-m", "mdlm.train", "experiment=bd3lm_b4",
-                    f"objective.block_size={b}", f"run_dir={run.path}", "train.progress=false"],
-                   cwd=REPO, check=True)
+    train_unless_finished(f"b={b}", os.path.join(args.runs, f"b{b}"),
+                          ["experiment=bd3lm_b4", f"objective.block_size={b}"])
 
 
 def run_of(args, b: int) -> str:
@@ -125,7 +115,7 @@ def timing(args, b: int, length: int) -> dict:
   xt = jnp.full((8, length), mask_id, jnp.int32).at[:, 0].set(loaded.tokenizer.bos_id)
   calls = {kv: (lambda i, kv=kv: _one_call(denoise, xt, b, kv, schedule, args.steps, mask_id,
                                            jax.random.key(i))) for kv in (True, False)}
-  load_before = _loadavg()
+  load_before = loadavg()
   for kv in (True, False):
     calls[kv](0)  # compile and warm up
   wall = {True: [], False: []}
@@ -139,7 +129,7 @@ def timing(args, b: int, length: int) -> dict:
       nfe[kv] = n
   tokens = 8 * length
   out = {"block_size": b, "length": length, "batch": 8, "repeats": args.repeats,
-         "load_before": load_before, "load_after": _loadavg()}
+         "load_before": load_before, "load_after": loadavg()}
   for kv, name in ((True, "cached"), (False, "recomputed")):
     out[name] = {"wall_s": float(np.median(wall[kv])), "cpu_s": float(np.median(cpu[kv])),
                  "tokens_per_s": tokens / float(np.median(wall[kv])), "nfe": nfe[kv]}
@@ -225,7 +215,7 @@ def main():
     evaluator = load_run(args.ar_run)
     only = [int(b) for b in args.only.split(",") if b] or list(BLOCKS)
     for b in only:
-      print(f"b={b}: evaluating and sampling (load {_loadavg()})", flush=True)
+      print(f"b={b}: evaluating and sampling (load {loadavg()})", flush=True)
       results["rows"][str(b)] = {"block_size": b, "run": run_of(args, b), **nelbo(args, b),
                                  **samples(args, b, evaluator)}
       json.dump(results, open(path, "w"), indent=1)

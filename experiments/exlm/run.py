@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -42,6 +41,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from experiments.runs import train_unless_finished  # noqa: E402
 from mdlm import config as config_lib  # noqa: E402
 from mdlm import evaluate as eval_lib  # noqa: E402
 from mdlm import objectives, sharding, train  # noqa: E402
@@ -117,23 +117,6 @@ def time_steps(rounds: int, steps: int) -> dict:
           "tokens_per_s": {n: tokens / statistics.median(times[n]) for n in names},
           "ratio": statistics.median(a / b for a, b in zip(times["exlm"], times["mlm15"])),
           "flops_ratio": flops["exlm"] / flops["mlm15"] if flops["mlm15"] else None}
-
-
-def train_run(name: str, args, extra: list[str]) -> str:
-  run_dir = os.path.join(args.runs, name)
-  if (RunDir(run_dir).read_status() or {}).get("state") == "finished":
-    return run_dir
-  cmd = [sys.executable, "-m", "mdlm.train", f"experiment={PRESETS[name]}",
-         f"data.cache_dir={os.path.join(args.runs, 'data_cache')}", f"hydra.run.dir={run_dir}",
-         "train.progress=false"] + extra
-  print(f"[{time.strftime('%H:%M:%S')}] training {name}: {' '.join(cmd[2:])} "
-        f"(load {_load()})", flush=True)
-  t0 = time.time()
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-  if proc.returncode:
-    raise SystemExit(f"training {name} failed:\n{proc.stderr[-3000:]}")
-  print(f"  finished in {time.time() - t0:.0f} s (load {_load()})", flush=True)
-  return run_dir
 
 
 def score(run_dir: str, measures: list[str], args) -> dict:
@@ -232,7 +215,10 @@ def main(argv=None):
     for name, steps in plan:
       if name in results["runs"]:
         continue
-      run_dir = train_run(name, args, [f"train.steps={steps}"] + ABLATIONS.get(name, []))
+      run_dir = train_unless_finished(
+          name, os.path.join(args.runs, name),
+          [f"experiment={PRESETS[name]}", f"data.cache_dir={os.path.join(args.runs, 'data_cache')}",
+           f"train.steps={steps}"] + ABLATIONS.get(name, []))
       measures = MASKED + (JOINT if name.startswith("exlm") else [])
       results["runs"][name] = {"run_dir": run_dir, "steps": steps,
                                "step_ratio_used": results["timing"]["ratio"],

@@ -34,16 +34,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.runs import loadavg  # noqa: E402
 from mdlm import joints  # noqa: E402
 from mdlm.rundir import load_run  # noqa: E402
 
 ITERATIONS = (1, 2, 5, 10, 20, 40, 100, 300)
 MIXTURES = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
-
-
-def loadavg() -> str:
-  with open("/proc/loadavg") as f:
-    return " ".join(f.read().split()[:3])
 
 
 @jax.jit

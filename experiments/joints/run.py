@@ -43,16 +43,12 @@ import mdlm  # noqa: E402,F401 (first: its host-malloc settings must precede jax
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.runs import loadavg  # noqa: E402
 from mdlm import joints  # noqa: E402
 from mdlm.rundir import load_run  # noqa: E402
 
 KINDS = ("adjacent", "distant", "adjacent_end", "distant_end")
 PAPER_AG_ITERATIONS = 40  # the default of the paper's code (--iter-steps)
-
-
-def loadavg() -> str:
-  with open("/proc/loadavg") as f:
-    return " ".join(f.read().split()[:3])
 
 
 @jax.jit

@@ -21,13 +21,12 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from experiments.runs import train_unless_finished  # noqa: E402
 from mdlm.rundir import RunDir  # noqa: E402
 
 # name -> (experiment preset, paper)
@@ -50,23 +49,6 @@ RUNS = {
 # table was made; pinned here so that a change of the default cannot mix sizes in one table).
 TABLE_MODEL = ["model.num_layers=4", "model.dtype=float32"]
 COLUMNS = ["nelbo", "pll", "masked15", "masked40", "masked80", "ar"]
-
-
-def train_run(name: str, args) -> str:
-  run_dir = os.path.join(args.runs, name)
-  if (RunDir(run_dir).read_status() or {}).get("state") == "finished":
-    return run_dir
-  cmd = [sys.executable, "-m", "mdlm.train", f"experiment={RUNS[name][0]}", *TABLE_MODEL,
-         "data=text",
-         f"data.path={args.data}", f"data.cache_dir={os.path.join(args.runs, 'data_cache')}",
-         f"hydra.run.dir={run_dir}", "train.progress=false"] + args.extra
-  print(f"[{time.strftime('%H:%M:%S')}] training {name}: {' '.join(cmd[2:])}", flush=True)
-  t0 = time.time()
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-  if proc.returncode:
-    raise SystemExit(f"training {name} failed:\n{proc.stderr[-3000:]}")
-  print(f"  finished in {time.time() - t0:.0f} s", flush=True)
-  return run_dir
 
 
 def evaluate(name: str, run_dir: str, args) -> dict:
@@ -183,7 +165,10 @@ def main(argv=None):
       if name in results and not args.redo:
         print(f"{name}: already in {results_path}, skipped (--redo to run it again)", flush=True)
         continue
-      run_dir = train_run(name, args)
+      run_dir = train_unless_finished(
+          name, os.path.join(args.runs, name),
+          [f"experiment={RUNS[name][0]}", *TABLE_MODEL, "data=text", f"data.path={args.data}",
+           f"data.cache_dir={os.path.join(args.runs, 'data_cache')}"] + args.extra)
       status = RunDir(run_dir).read_status()
       results[name] = {"run_dir": os.path.relpath(run_dir, REPO), "preset": RUNS[name][0],
                        "wall_time": status.get("wall_time"),
